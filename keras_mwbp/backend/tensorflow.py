@@ -1,0 +1,195 @@
+"""The TensorFlow part of the training step: forward, gradients, re-linearize.
+
+`TensorFlowStep` runs the shared forward pass node by node under a persistent
+`tf.GradientTape`, keeping what the multi-way backward needs: each node's
+inputs (one `tf.identity` per consuming node, so that the gradient reaching a
+tensor through one consumer can be read alone), its outputs and its
+non-trainable state before the call (BatchNorm statistics, dropout seeds).
+
+Gradients of loss `i` at the parameters already updated by earlier losses of
+the step (paper Eq. 10) are taken in two parts. The nodes of the *region*
+(nodes whose variables were updated, and every node below them) are
+re-linearized one by one, in reverse order: each is called again on its
+stored inputs with the current variables and its recorded state, under its own
+small tape, and its vector-Jacobian product is taken there. Everything above
+the region uses the forward tape, whose recorded values are still the current
+ones for those layers. The re-call's forward result is not used (only its
+gradient is), so TensorFlow prunes the forward work of convolutions and
+dense layers from the graph.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.models.functional import operation_fn
+
+
+class TensorFlowStep:
+    """One training step's forward record and gradient computations.
+
+    Args:
+        graph: The model's `HeadGraph`.
+    """
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.tape = None
+        self.edges = {}
+        self.calls = {}
+        self.states = {}
+        self.loss_inputs = []
+
+    def forward(self, model, x, training=True):
+        """Shared forward pass; call inside `with step.recording():`.
+
+        Returns:
+            The list of model outputs as seen by the losses.
+        """
+        tensors = {}
+        for ref, value in zip(model.inputs, tf.nest.flatten(x)):
+            tensors[id(ref)] = tf.convert_to_tensor(value, dtype=ref.dtype)
+        for index, node in enumerate(self.graph.nodes):
+            edges = {id(t): tf.identity(tensors[id(t)])
+                     for t in node.input_tensors}
+            args, kwargs = node.arguments.fill_in(edges)
+            self.edges[index] = edges
+            self.calls[index] = (args, kwargs)
+            self.states[index] = [
+                (v, tf.identity(v.value))
+                for v in getattr(node.operation, "non_trainable_variables", [])
+            ]
+            outputs = operation_fn(node.operation, training=training)(
+                *args, **kwargs
+            )
+            for ref, value in zip(node.outputs, tf.nest.flatten(outputs)):
+                tensors[id(ref)] = value
+        self.loss_inputs = [tf.identity(tensors[id(o)]) for o in model.outputs]
+        return self.loss_inputs
+
+    def recording(self, persistent):
+        """A tape that records the shared forward and the losses.
+
+        Args:
+            persistent: Whether gradients will be taken more than once.
+        """
+        self.tape = tf.GradientTape(persistent=persistent)
+        return self.tape
+
+    def gradients(self, objective, variables):
+        """Gradients from the forward tape (exact when nothing was updated)."""
+        grads = self.tape.gradient(objective, variables)
+        return _zeros_for_none(grads, variables)
+
+    def multiway_gradients(self, index, objective, updated_ids):
+        """Gradients of `objective` (loss `index`) at the current variables.
+
+        Args:
+            index: Output index of the loss.
+            objective: The weighted loss tensor recorded by the forward tape.
+            updated_ids: `id()`s of the variables already updated this step.
+
+        Returns:
+            Gradients for `graph.loss_variables[index]`, in that order.
+        """
+        graph = self.graph
+        region = graph.region(index, updated_ids)
+        above = graph.ancestors[index] - region
+        # Cotangents entering the region from above, through each edge.
+        boundary = [
+            (ref_id, edge)
+            for node in above
+            for ref_id, edge in self.edges[node].items()
+            if graph.producer.get(ref_id) in region
+        ]
+        output_ref = graph.output_ids[index]
+        if graph.producer.get(output_ref) in region:
+            boundary.append((output_ref, self.loss_inputs[index]))
+        above_vars = _unique(v for n in above for v in graph.node_variables(n))
+        grads = self.tape.gradient(
+            objective, [edge for _, edge in boundary] + above_vars
+        )
+        cotangents = {}
+        for (ref_id, _), grad in zip(boundary, grads):
+            _accumulate(cotangents, ref_id, grad)
+        var_grads = {}
+        for variable, grad in zip(above_vars, grads[len(boundary):]):
+            _accumulate(var_grads, id(variable), grad)
+        for node in sorted(region, reverse=True):
+            self._node_vjp(node, cotangents, var_grads)
+        variables = graph.loss_variables[index]
+        return _zeros_for_none(
+            [var_grads.get(id(v)) for v in variables], variables
+        )
+
+    def _node_vjp(self, index, cotangents, var_grads):
+        """Re-linearizes node `index` at its stored inputs, current weights."""
+        node = self.graph.nodes[index]
+        output_cts = [cotangents.get(id(o)) for o in node.outputs]
+        if all(ct is None for ct in output_cts):
+            return
+        edges = self.edges[index]
+        input_ids = list(edges)
+        variables = self.graph.node_variables(index)
+        args, kwargs = self.calls[index]
+        with tf.GradientTape() as tape:
+            tape.watch([edges[i] for i in input_ids])
+            with keras.StatelessScope(state_mapping=self.states[index]):
+                outputs = operation_fn(node.operation, training=True)(
+                    *args, **kwargs
+                )
+        pairs = [
+            (out, ct)
+            for out, ct in zip(tf.nest.flatten(outputs), output_cts)
+            if ct is not None
+        ]
+        grads = tape.gradient(
+            [out for out, _ in pairs],
+            [edges[i] for i in input_ids] + variables,
+            output_gradients=[ct for _, ct in pairs],
+        )
+        for ref_id, grad in zip(input_ids, grads):
+            if ref_id in self.graph.producer:
+                _accumulate(cotangents, ref_id, grad)
+        for variable, grad in zip(variables, grads[len(input_ids):]):
+            _accumulate(var_grads, id(variable), grad)
+
+
+def regularization_gradients(variables):
+    """Gradients of the variables' own regularizers at their current values.
+
+    Returns:
+        A list of gradients (or `None`) in `variables` order, and the summed
+        regularization loss.
+    """
+    regularized = [v for v in variables if getattr(v, "regularizer", None)]
+    if not regularized:
+        return [None] * len(variables), 0.0
+    with tf.GradientTape() as tape:
+        penalty = tf.add_n([v.regularizer(v) for v in regularized])
+    grads = dict(
+        zip(map(id, regularized), tape.gradient(penalty, regularized))
+    )
+    return [grads.get(id(v)) for v in variables], penalty
+
+
+def _accumulate(store, key, value):
+    if value is None:
+        return
+    if isinstance(value, tf.IndexedSlices):
+        value = tf.convert_to_tensor(value)
+    store[key] = value if key not in store else store[key] + value
+
+
+def _zeros_for_none(grads, variables):
+    return [
+        tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+        for g, v in zip(grads, variables)
+    ]
+
+
+def _unique(variables):
+    seen, result = set(), []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            result.append(v)
+    return result

@@ -1,0 +1,121 @@
+"""The `keras-mwbp` command.
+
+`keras-mwbp train` trains a small CIFAR-style ResNet with auxiliary heads on
+scikit-learn's bundled 8x8 digits (no download) and prints, for every head,
+the depth, size and test accuracy of its intermediate model.
+"""
+
+import argparse
+import math
+
+import keras
+
+from keras_mwbp.data import load_digits
+from keras_mwbp.models import CIFAR_RESNET_PRESETS
+from keras_mwbp.models import cifar_resnet
+from keras_mwbp.report import format_table
+from keras_mwbp.report import head_table
+
+METHODS = ("mwbp", "joint", "standard")
+# Fractions of the run after which the learning rate is divided by 10.
+LR_DROPS = (0.5, 0.75)
+
+
+def positive(type_):
+    """argparse `type` that accepts only values of `type_` above zero."""
+
+    def parse(text):
+        value = type_(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = type_.__name__
+    return parse
+
+
+def build_parser():
+    """The argument parser of `keras-mwbp`, one subcommand per job."""
+    parser = argparse.ArgumentParser(
+        prog="keras-mwbp",
+        description="Multi-way backpropagation (Guo et al., 2020) for Keras.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a ResNet with auxiliary heads on the 8x8 digits",
+        description="Train a CIFAR-style ResNet with auxiliary heads on "
+        "scikit-learn's 8x8 digits and print each head's test accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--method", choices=METHODS, default="mwbp")
+    train.add_argument(
+        "--nu", type=positive(float), default=2.0,
+        help="decay rate of the auxiliary loss weights",
+    )
+    train.add_argument(
+        "--depth", type=int, choices=sorted(CIFAR_RESNET_PRESETS), default=14,
+        help="weight layers of the ResNet (6n+2)",
+    )
+    train.add_argument(
+        "--losses", type=positive(int), default=3,
+        help="number of heads, final included",
+    )
+    train.add_argument("--epochs", type=positive(int), default=30)
+    train.add_argument("--batch-size", type=positive(int), default=64)
+    train.add_argument(
+        "--lr", type=positive(float), default=0.1,
+        help="initial learning rate, divided by 10 after "
+        + " and ".join(f"{f:.0%}" for f in LR_DROPS) + " of the epochs",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=run_train)
+    return parser
+
+
+def run_train(args, parser):
+    """Trains on the digits as `args` say and prints the per-head table."""
+    keras.utils.set_random_seed(args.seed)
+    (x_train, y_train), (x_test, y_test) = load_digits(seed=args.seed)
+    try:
+        model = cifar_resnet(
+            args.depth,
+            num_classes=10,
+            num_losses=args.losses,
+            input_shape=x_train.shape[1:],
+            method=args.method,
+            nu=args.nu,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    steps = args.epochs * math.ceil(len(x_train) / args.batch_size)
+    learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries=[round(steps * fraction) for fraction in LR_DROPS],
+        values=[args.lr / 10**k for k in range(len(LR_DROPS) + 1)],
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs)
+    print(format_table(head_table(model, x_test, y_test)))
+
+
+def main(argv=None):
+    """Entry point of the `keras-mwbp` console script.
+
+    Args:
+        argv: Arguments without the program name; `None` reads `sys.argv`.
+
+    Returns:
+        Exit status 0. Bad arguments exit with status 2 (argparse).
+
+    Example:
+
+    >>> main(["train", "--epochs", "1"])
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.run(args, parser)
+    return 0

@@ -1,0 +1,176 @@
+"""One optimizer per loss, held in one Keras optimizer."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_mwbp")
+class MultiWayOptimizer(keras.optimizers.Optimizer):
+    """Holds one clone of a template optimizer per loss of a multi-head model.
+
+    As in the authors' code, loss `i` has its own optimizer: it keeps the
+    state (momentum, Adam moments, its own step count) of the variables loss
+    `i` updates, so a shallow variable has one momentum buffer per loss that
+    reaches it. `MultiWayModel.compile` wraps the user's optimizer in this
+    class and sets it as `model.optimizer`, so `model.save`, `save_weights`,
+    `ModelCheckpoint` and `BackupAndRestore` keep every inner state.
+
+    - `iterations` counts training steps (not per-loss updates); each inner
+      optimizer is applied once per step, so learning-rate schedules, Adam's
+      bias correction and weight decay advance once per step too.
+    - `learning_rate` reads the first inner optimizer's rate; setting it sets
+      every inner optimizer's (as `LearningRateScheduler` and
+      `ReduceLROnPlateau` do).
+    - `variables` holds the container's own step counter followed by every
+      inner optimizer's variables. Loading a state whose number or shapes of
+      variables differ raises a `ValueError` instead of training on with fresh
+      optimizer states.
+
+    Args:
+        optimizer: The template: a `keras.optimizers.Optimizer` instance,
+            identifier string or config dict.
+        num_losses: Number of inner optimizers (one per loss updated with
+            its own optimizer).
+        name: Optional name.
+
+    Example:
+
+    >>> template = keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+    >>> opt = MultiWayOptimizer(template, num_losses=3)
+    >>> len(opt.optimizers)
+    3
+    """
+
+    def __init__(self, optimizer, num_losses, name=None, **kwargs):
+        template = keras.optimizers.get(optimizer)
+        if not isinstance(template, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`optimizer` must be a Keras optimizer. "
+                f"Received: optimizer={optimizer!r}"
+            )
+        if isinstance(template, MultiWayOptimizer):
+            template = template.template
+        if (
+            isinstance(num_losses, bool)
+            or not isinstance(num_losses, int)
+            or num_losses < 1
+        ):
+            raise ValueError(
+                "`num_losses` must be a positive integer. "
+                f"Received: num_losses={num_losses!r}"
+            )
+        super().__init__(
+            learning_rate=self._inner_learning_rate, name=name, **kwargs
+        )
+        config = template.get_config()
+        self.template = template.__class__.from_config(config)
+        self._inner = tuple(
+            template.__class__.from_config(
+                dict(config, name=f"{config['name']}_loss_{i}")
+            )
+            for i in range(num_losses)
+        )
+        self._groups = None
+
+    @property
+    def optimizers(self):
+        """The inner optimizers, one per loss."""
+        return self._inner
+
+    @property
+    def num_losses(self):
+        return len(self._inner)
+
+    def _inner_learning_rate(self):
+        return self._inner[0].learning_rate
+
+    @property
+    def learning_rate(self):
+        return self._inner[0].learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        for inner in self._inner:
+            inner.learning_rate = learning_rate
+
+    def set_variable_groups(self, groups):
+        """Sets which variables each inner optimizer updates.
+
+        Args:
+            groups: One list of variables per inner optimizer.
+        """
+        if len(groups) != self.num_losses:
+            raise ValueError(
+                f"`groups` must have one entry per loss ({self.num_losses}). "
+                f"Received {len(groups)} groups."
+            )
+        self._groups = [{id(v) for v in group} for group in groups]
+
+    def build(self, variables):
+        if self._groups is None:
+            raise ValueError(
+                "`MultiWayOptimizer.build()` needs the variable groups; "
+                "compile a `MultiWayModel` with it, which sets them."
+            )
+        for inner, group in zip(self._inner, self._groups):
+            inner.build([v for v in variables if id(v) in group])
+        super().build(variables)
+
+    @property
+    def variables(self):
+        inner = [v for opt in self._inner for v in opt.variables]
+        return self._variables[:] + inner
+
+    def apply_loss(self, index, grads, variables):
+        """Applies loss `index`'s gradients with loss `index`'s optimizer."""
+        self._inner[index].apply(grads, variables)
+
+    def finish_step(self):
+        """Counts one training step (call once after all per-loss updates)."""
+        self._iterations.assign_add(ops.cast(1, self._iterations.dtype))
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        variables = self.variables
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"The saved state of optimizer '{self.name}' has "
+                f"{len(store.keys())} variables, but this optimizer has "
+                f"{len(variables)} ({self.num_losses} inner optimizers"
+                f"{'' if self.built else ', not built'}). The file was saved "
+                "with a different model, method or optimizer."
+            )
+        for i, variable in enumerate(variables):
+            value = store[str(i)]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"The saved state of optimizer '{self.name}' does not "
+                    f"match variable '{variable.path}': saved shape "
+                    f"{tuple(value.shape)}, expected {tuple(variable.shape)}."
+                )
+        for i, variable in enumerate(variables):
+            variable.assign(store[str(i)])
+
+    def __dir__(self):
+        # The container saves its inner optimizers' variables itself; hide
+        # them from Keras's attribute walk so that they are not saved twice.
+        hidden = {"_inner", "optimizers", "template"}
+        return [name for name in super().__dir__() if name not in hidden]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.template),
+            "num_losses": self.num_losses,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["optimizer"] = keras.saving.deserialize_keras_object(
+            config["optimizer"], custom_objects=custom_objects
+        )
+        return cls(**config)

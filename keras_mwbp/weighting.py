@@ -1,0 +1,123 @@
+"""Loss weights gamma_i of the paper's Eq. 5."""
+
+import math
+import numbers
+
+GAMMA_FLOOR = 0.01
+
+
+def gammas_from_depths(head_depths, nu):
+    """Loss weights from the depths of the heads' taps (paper Eq. 5).
+
+    `gamma_K = 1` for the final loss and
+    `gamma_i = max(0.01, (L_i / L_{K-1}) ** nu)` for the auxiliary losses,
+    where `L_{K-1}` is the depth of the deepest auxiliary head.
+
+    Args:
+        head_depths: Sequence of tap depths, one per loss, shallowest first,
+            final last.
+        nu: Positive decay rate.
+
+    Returns:
+        Tuple of floats, one weight per loss.
+
+    Example:
+
+    >>> gammas_from_depths([15, 25, 35, 45, 56], nu=2.0)[:2]
+    (0.1111111111111111, 0.30864197530864196)
+    """
+    check_nu(nu)
+    depths = list(head_depths)
+    if len(depths) == 1:
+        return (1.0,)
+    deepest_aux = depths[-2]
+    aux = tuple(
+        max(GAMMA_FLOOR, (depth / deepest_aux) ** nu) for depth in depths[:-1]
+    )
+    return aux + (1.0,)
+
+
+def check_nu(nu):
+    """Raises `ValueError` unless `nu` is a finite positive number."""
+    if (
+        isinstance(nu, bool)
+        or not isinstance(nu, numbers.Real)
+        or not math.isfinite(nu)
+        or nu <= 0
+    ):
+        raise ValueError(
+            f"`nu` must be a finite positive number. Received: nu={nu!r}"
+        )
+
+
+def check_head_weights(head_weights, num_outputs):
+    """Validates explicit loss weights and returns them as floats.
+
+    Args:
+        head_weights: Sequence of weights, one per output, each in (0, 1].
+        num_outputs: Number of model outputs.
+
+    Returns:
+        Tuple of floats.
+    """
+    try:
+        weights = tuple(head_weights)
+    except TypeError:
+        raise ValueError(
+            "`head_weights` must be a list with one weight per output. "
+            f"Received: head_weights={head_weights!r}"
+        ) from None
+    if len(weights) != num_outputs:
+        raise ValueError(
+            f"`head_weights` must have one weight per output ({num_outputs} "
+            f"outputs). Received: head_weights={list(weights)!r}"
+        )
+    for weight in weights:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not 0 < weight <= 1
+        ):
+            raise ValueError(
+                "Every entry of `head_weights` must be a number in (0, 1]. "
+                f"Received: head_weights={list(weights)!r}"
+            )
+    return tuple(float(w) for w in weights)
+
+
+def check_head_depths(head_depths, num_outputs):
+    """Validates explicit tap depths and returns them as ints.
+
+    Args:
+        head_depths: Sequence of positive, strictly increasing integers,
+            one per output.
+        num_outputs: Number of model outputs.
+
+    Returns:
+        Tuple of ints.
+    """
+    try:
+        depths = tuple(head_depths)
+    except TypeError:
+        raise ValueError(
+            "`head_depths` must be a list with one depth per output. "
+            f"Received: head_depths={head_depths!r}"
+        ) from None
+    if len(depths) != num_outputs:
+        raise ValueError(
+            f"`head_depths` must have one depth per output ({num_outputs} "
+            f"outputs). Received: head_depths={list(depths)!r}"
+        )
+    if any(
+        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in depths
+    ):
+        raise ValueError(
+            "Every entry of `head_depths` must be a positive integer. "
+            f"Received: head_depths={list(depths)!r}"
+        )
+    if any(a >= b for a, b in zip(depths, depths[1:])):
+        raise ValueError(
+            "`head_depths` must increase strictly from the shallowest head "
+            f"to the final one. Received: head_depths={list(depths)!r}"
+        )
+    return tuple(int(d) for d in depths)
