@@ -6,6 +6,8 @@ output depends on, and the depth of each head's tap (weight layers on the
 longest path from the input, the head's own layers excluded).
 """
 
+import collections
+
 import keras
 
 
@@ -99,6 +101,8 @@ class HeadGraph:
     Attributes:
         nodes: Non-input nodes in run order.
         producer: Maps `id(tensor)` to the index of the node computing it.
+        consumers: Maps `id(tensor)` to the number of nodes (and losses)
+            using it.
         ancestors: For each output, the frozenset of node indices it needs.
         loss_variables: For each output, the trainable variables its loss
             depends on, in `model.trainable_variables` order.
@@ -113,6 +117,9 @@ class HeadGraph:
             for x in node.outputs:
                 self.producer[id(x)] = index
         self.output_ids = tuple(id(out) for out in model.outputs)
+        self.consumers = collections.Counter(self.output_ids)
+        for node in self.nodes:
+            self.consumers.update({id(x) for x in node.input_tensors})
         self.ancestors = tuple(
             frozenset(self._ancestors_of(out)) for out in model.outputs
         )

@@ -260,7 +260,8 @@ class MultiWayModel(keras.Model):
             objective = (
                 head_losses[-1] if self.method == "standard" else sum(weighted)
             )
-        penalty = _regularization_penalty(self.trainable_variables)
+            penalty = _regularization_penalty(self.trainable_variables)
+        step.commit_state()  # BatchNorm statistics move once per step.
         if self.method == "mwbp":
             # 2. Multi-way backward, shallow to deep: loss i's gradient at the
             # parameters already updated by losses 0..i-1 of this step.
@@ -298,6 +299,7 @@ class MultiWayModel(keras.Model):
         """Adds the variables' regularizer gradients, applies optimizer i."""
         reg_grads, _ = backend_step.regularization_gradients(variables)
         grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
+        grads = backend_step.after(grads, grads)
         self.optimizer.apply_loss(index, grads, variables)
 
     def _head_loss_values(self, y, y_pred, sample_weight):

@@ -2,8 +2,9 @@
 
 `TensorFlowStep` runs the shared forward pass node by node under a persistent
 `tf.GradientTape`, keeping what the multi-way backward needs: each node's
-inputs (one `tf.identity` per consuming node, so that the gradient reaching a
-tensor through one consumer can be read alone), its outputs and its
+inputs (a `tf.identity` per consuming node where a tensor has several
+consumers, so that the gradient reaching it through one consumer can be read
+alone), its outputs and its
 non-trainable state before the call (BatchNorm statistics, dropout seeds).
 
 Gradients of loss `i` at the parameters already updated by earlier losses of
@@ -36,10 +37,17 @@ class TensorFlowStep:
         self.edges = {}
         self.calls = {}
         self.states = {}
+        self.new_state = {}
         self.loss_inputs = []
 
     def forward(self, model, x, training=True):
-        """Shared forward pass; call inside `with step.recording():`.
+        """Shared forward pass; call inside `with step.recording(...):`.
+
+        Non-trainable state (BatchNorm statistics, dropout seeds) is read once
+        into tensors and threaded through the nodes with a `StatelessScope`,
+        so that each node's state before its call is known exactly and a
+        re-call replays it (same dropout mask). `commit_state()` writes the
+        new state once.
 
         Returns:
             The list of model outputs as seen by the losses.
@@ -48,22 +56,46 @@ class TensorFlowStep:
         for ref, value in zip(model.inputs, tf.nest.flatten(x)):
             tensors[id(ref)] = tf.convert_to_tensor(value, dtype=ref.dtype)
         for index, node in enumerate(self.graph.nodes):
-            edges = {id(t): tf.identity(tensors[id(t)])
+            edges = {id(t): self._edge(tensors[id(t)], id(t))
                      for t in node.input_tensors}
             args, kwargs = node.arguments.fill_in(edges)
             self.edges[index] = edges
             self.calls[index] = (args, kwargs)
             self.states[index] = [
-                (v, tf.identity(v.value))
+                (v, self._state_value(v))
                 for v in getattr(node.operation, "non_trainable_variables", [])
             ]
-            outputs = operation_fn(node.operation, training=training)(
-                *args, **kwargs
-            )
+            with keras.StatelessScope(
+                state_mapping=self.states[index]
+            ) as scope:
+                outputs = operation_fn(node.operation, training=training)(
+                    *args, **kwargs
+                )
+            for variable, _ in self.states[index]:
+                new_value = scope.get_current_value(variable)
+                if new_value is not None:
+                    self.new_state[id(variable)] = (variable, new_value)
             for ref, value in zip(node.outputs, tf.nest.flatten(outputs)):
                 tensors[id(ref)] = value
-        self.loss_inputs = [tf.identity(tensors[id(o)]) for o in model.outputs]
+        self.loss_inputs = [self._edge(tensors[id(o)], id(o))
+                            for o in model.outputs]
         return self.loss_inputs
+
+    def _state_value(self, variable):
+        if id(variable) not in self.new_state:
+            self.new_state[id(variable)] = (variable, tf.identity(variable.value))
+        return self.new_state[id(variable)][1]
+
+    def commit_state(self):
+        """Writes the forward pass's new non-trainable state, once."""
+        for variable, value in self.new_state.values():
+            variable.assign(value)
+
+    def _edge(self, tensor, ref_id):
+        """The tensor as one consumer sees it: its own identity if shared."""
+        if self.graph.consumers[ref_id] > 1:
+            return tf.identity(tensor)
+        return tensor
 
     def recording(self, persistent):
         """A tape that records the shared forward and the losses.
@@ -151,6 +183,19 @@ class TensorFlowStep:
                 _accumulate(cotangents, ref_id, grad)
         for variable, grad in zip(variables, grads[len(input_ids):]):
             _accumulate(var_grads, id(variable), grad)
+
+
+def after(tensors, dependencies):
+    """`tensors`, computed only once every tensor of `dependencies` exists.
+
+    An optimizer update writes variables that the gradients of the same loss
+    read (e.g. a BatchNorm scale read by the gradient of the convolution
+    below it). TensorFlow's graph optimizer may drop the read-before-write
+    ordering edge when no data path links the two; passing the update only
+    gradients that wait for all of the loss's gradients restores it.
+    """
+    with tf.control_dependencies(list(dependencies)):
+        return [tf.identity(t) for t in tensors]
 
 
 def regularization_gradients(variables):
