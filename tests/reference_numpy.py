@@ -1,0 +1,685 @@
+"""Hand-written NumPy (float64) reference for multi-way backpropagation.
+
+Everything here is plain NumPy: every backward function is derived by hand
+with the chain rule, so the reference is independent of TensorFlow and Keras.
+The formulas reproduce Keras 3 exactly: ``SGD`` with (Nesterov) momentum,
+``BatchNormalization`` in training mode (biased batch variance, moving
+statistics with momentum 0.99, epsilon 1e-3), ``Conv2D`` with ``"same"``
+padding and stride 1 (cross-correlation, kernel ``(kh, kw, cin, cout)``),
+``Dense`` (kernel ``(in, out)``) and
+``SparseCategoricalCrossentropy(from_logits=True)`` averaged over the batch.
+
+Conventions:
+    * ``params`` maps a layer name to a dict of its trainable arrays
+      (``"kernel"``/``"bias"`` or ``"gamma"``/``"beta"``).
+    * ``bn_state`` maps a BatchNormalization layer name to a dict with
+      ``"moving_mean"`` and ``"moving_variance"``.
+    * Gradients use the same nested layout as ``params`` and contain only the
+      layers that a loss depends on.
+    * Every backward function receives the layer's STORED input (from the
+      shared forward pass) and the layer's CURRENT parameters, so a backward
+      pass may be evaluated at parameters that differ from those of the
+      forward pass, as multi-way backpropagation requires.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+
+
+# --------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------
+
+
+def dense_forward(x, kernel, bias):
+    """Dense layer ``x @ kernel + bias``.
+
+    Args:
+        x: Input, shape ``(batch, in)``.
+        kernel: Weights, shape ``(in, out)``.
+        bias: Bias, shape ``(out,)``.
+
+    Returns:
+        Output, shape ``(batch, out)``.
+    """
+    return x @ kernel + bias
+
+
+def dense_backward(x, kernel, grad_out):
+    """Backward pass of :func:`dense_forward`.
+
+    Args:
+        x: Stored input, shape ``(batch, in)``.
+        kernel: Current weights, shape ``(in, out)``.
+        grad_out: Gradient with respect to the output, ``(batch, out)``.
+
+    Returns:
+        Tuple ``(grad_x, grads)`` where ``grads`` has ``"kernel"`` and
+        ``"bias"``.
+    """
+    grad_x = grad_out @ kernel.T
+    grads = {"kernel": x.T @ grad_out, "bias": grad_out.sum(axis=0)}
+    return grad_x, grads
+
+
+def relu_forward(x):
+    """Rectified linear unit ``max(x, 0)``."""
+    return np.maximum(x, 0.0)
+
+
+def relu_backward(x, grad_out):
+    """Backward pass of :func:`relu_forward` (derivative 0 at ``x == 0``).
+
+    Args:
+        x: Stored input.
+        grad_out: Gradient with respect to the output.
+
+    Returns:
+        Gradient with respect to the input.
+    """
+    return grad_out * (x > 0.0)
+
+
+def _same_padding(size):
+    """Returns the (before, after) padding of "same" for stride 1."""
+    total = size - 1
+    return total // 2, total - total // 2
+
+
+def _pad_same(x, kernel_height, kernel_width):
+    """Zero-pads an NHWC tensor for a stride-1 "same" convolution."""
+    return np.pad(
+        x,
+        (
+            (0, 0),
+            _same_padding(kernel_height),
+            _same_padding(kernel_width),
+            (0, 0),
+        ),
+    )
+
+
+def conv2d_forward(x, kernel, bias):
+    """2-D cross-correlation, stride 1, "same" padding, plus bias.
+
+    ``out[n, i, j, o] = bias[o] + sum_{a, b, c} xp[n, i + a, j + b, c]
+    * kernel[a, b, c, o]`` where ``xp`` is the zero-padded input.
+
+    Args:
+        x: Input, shape ``(batch, height, width, cin)``.
+        kernel: Weights, shape ``(kh, kw, cin, cout)``.
+        bias: Bias, shape ``(cout,)``.
+
+    Returns:
+        Output, shape ``(batch, height, width, cout)``.
+    """
+    kernel_height, kernel_width = kernel.shape[:2]
+    height, width = x.shape[1:3]
+    padded = _pad_same(x, kernel_height, kernel_width)
+    out = np.zeros(x.shape[:3] + (kernel.shape[3],)) + bias
+    for a in range(kernel_height):
+        for b in range(kernel_width):
+            window = padded[:, a : a + height, b : b + width, :]
+            out += np.einsum("nhwc,co->nhwo", window, kernel[a, b])
+    return out
+
+
+def conv2d_backward(x, kernel, grad_out):
+    """Backward pass of :func:`conv2d_forward`.
+
+    Args:
+        x: Stored input, shape ``(batch, height, width, cin)``.
+        kernel: Current weights, shape ``(kh, kw, cin, cout)``.
+        grad_out: Gradient with respect to the output.
+
+    Returns:
+        Tuple ``(grad_x, grads)`` where ``grads`` has ``"kernel"`` and
+        ``"bias"``.
+    """
+    kernel_height, kernel_width = kernel.shape[:2]
+    height, width = x.shape[1:3]
+    padded = _pad_same(x, kernel_height, kernel_width)
+    grad_padded = np.zeros_like(padded)
+    grad_kernel = np.zeros_like(kernel)
+    for a in range(kernel_height):
+        for b in range(kernel_width):
+            window = padded[:, a : a + height, b : b + width, :]
+            grad_kernel[a, b] = np.einsum("nhwc,nhwo->co", window, grad_out)
+            grad_padded[:, a : a + height, b : b + width, :] += np.einsum(
+                "nhwo,co->nhwc", grad_out, kernel[a, b]
+            )
+    top, _ = _same_padding(kernel_height)
+    left, _ = _same_padding(kernel_width)
+    grad_x = grad_padded[:, top : top + height, left : left + width, :]
+    grads = {"kernel": grad_kernel, "bias": grad_out.sum(axis=(0, 1, 2))}
+    return grad_x, grads
+
+
+def _channel_reduction_axes(x):
+    """All axes except the last (channel) one."""
+    return tuple(range(x.ndim - 1))
+
+
+def batch_norm_moments(x):
+    """Batch mean and BIASED batch variance over all axes but the channel."""
+    axes = _channel_reduction_axes(x)
+    mean = x.mean(axis=axes)
+    variance = ((x - mean) ** 2).mean(axis=axes)
+    return mean, variance
+
+
+def batch_norm_forward(x, gamma, beta, epsilon=BN_EPSILON):
+    """BatchNormalization in training mode (normalises with batch moments).
+
+    Args:
+        x: Input with channels last.
+        gamma: Scale, shape ``(channels,)``.
+        beta: Offset, shape ``(channels,)``.
+        epsilon: Added to the variance.
+
+    Returns:
+        Tuple ``(output, (mean, variance))``; the batch moments feed
+        :func:`update_moving_statistics`.
+    """
+    mean, variance = batch_norm_moments(x)
+    normalized = (x - mean) / np.sqrt(variance + epsilon)
+    return gamma * normalized + beta, (mean, variance)
+
+
+def batch_norm_backward(x, gamma, grad_out, epsilon=BN_EPSILON):
+    """Backward pass of :func:`batch_norm_forward` in training mode.
+
+    The Jacobian uses the batch moments of the stored input ``x`` (the batch
+    statistics depend on ``x``, so they are differentiated too) and the
+    current ``gamma``. With ``x_hat = (x - mean) / sqrt(var + eps)`` and
+    means taken over the reduction axes::
+
+        dx = gamma / sqrt(var + eps)
+             * (g - mean(g) - x_hat * mean(g * x_hat))
+
+    Args:
+        x: Stored input with channels last.
+        gamma: Current scale.
+        grad_out: Gradient with respect to the output.
+        epsilon: Added to the variance.
+
+    Returns:
+        Tuple ``(grad_x, grads)`` where ``grads`` has ``"gamma"`` and
+        ``"beta"``.
+    """
+    axes = _channel_reduction_axes(x)
+    mean, variance = batch_norm_moments(x)
+    inv_std = 1.0 / np.sqrt(variance + epsilon)
+    normalized = (x - mean) * inv_std
+    grad_x = (
+        gamma
+        * inv_std
+        * (
+            grad_out
+            - grad_out.mean(axis=axes)
+            - normalized * (grad_out * normalized).mean(axis=axes)
+        )
+    )
+    grads = {
+        "gamma": (grad_out * normalized).sum(axis=axes),
+        "beta": grad_out.sum(axis=axes),
+    }
+    return grad_x, grads
+
+
+def update_moving_statistics(state, moments, momentum=BN_MOMENTUM):
+    """Keras moving-average update of one BatchNormalization layer.
+
+    ``moving = moving * momentum + batch_statistic * (1 - momentum)``.
+
+    Args:
+        state: Dict with ``"moving_mean"`` and ``"moving_variance"``;
+            updated in place.
+        moments: Tuple ``(mean, variance)`` of the batch.
+        momentum: Moving-average momentum.
+    """
+    mean, variance = moments
+    state["moving_mean"] = state["moving_mean"] * momentum + mean * (
+        1.0 - momentum
+    )
+    state["moving_variance"] = state["moving_variance"] * momentum + (
+        variance * (1.0 - momentum)
+    )
+
+
+def add_forward(a, b):
+    """Residual Add layer ``a + b``."""
+    return a + b
+
+
+def add_backward(grad_out):
+    """Backward pass of ``a + b``: the gradient flows unchanged to both."""
+    return grad_out, grad_out
+
+
+def global_average_pool_forward(x):
+    """GlobalAveragePooling2D: mean over height and width of NHWC input."""
+    return x.mean(axis=(1, 2))
+
+
+def global_average_pool_backward(x, grad_out):
+    """Backward pass of :func:`global_average_pool_forward`.
+
+    Args:
+        x: Stored input, shape ``(batch, height, width, channels)``.
+        grad_out: Gradient with respect to the output, ``(batch, channels)``.
+
+    Returns:
+        Gradient with respect to the input.
+    """
+    height, width = x.shape[1:3]
+    spread = grad_out[:, None, None, :] / (height * width)
+    return np.broadcast_to(spread, x.shape).copy()
+
+
+def _log_softmax(logits):
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy_loss(logits, labels):
+    """Mean over the batch of ``-log softmax(logits)[label]``.
+
+    Args:
+        logits: Shape ``(batch, classes)``.
+        labels: Integer labels, shape ``(batch,)``.
+
+    Returns:
+        Scalar loss.
+    """
+    log_probs = _log_softmax(logits)
+    return -log_probs[np.arange(len(labels)), labels].mean()
+
+
+def cross_entropy_backward(logits, labels):
+    """Gradient of :func:`cross_entropy_loss` w.r.t. the logits.
+
+    ``(softmax(logits) - one_hot(labels)) / batch``.
+    """
+    grad = np.exp(_log_softmax(logits))
+    grad[np.arange(len(labels)), labels] -= 1.0
+    return grad / len(labels)
+
+
+# --------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------
+
+
+class SGDMomentum:
+    """Keras 3 ``SGD`` with momentum; one velocity buffer per variable.
+
+    Update for gradient ``g`` (velocity starts at 0)::
+
+        v <- momentum * v - learning_rate * g
+        w <- w + v                                    (plain)
+        w <- w + momentum * v - learning_rate * g     (Nesterov)
+
+    Keras's TensorFlow backend casts a Python float ``momentum`` to a
+    float64 variable's dtype through float32; pass
+    ``float(np.float32(momentum))`` to reproduce float64 Keras bit for bit.
+
+    Attributes:
+        velocities: Maps ``(layer_name, weight_name)`` to the velocity of
+            every variable this optimizer has updated.
+    """
+
+    def __init__(self, learning_rate, momentum, nesterov=False):
+        """Initialises the optimizer.
+
+        Args:
+            learning_rate: Step size.
+            momentum: Momentum coefficient.
+            nesterov: Whether to use Nesterov momentum.
+        """
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.velocities = {}
+
+    def apply(self, params, grads):
+        """Updates ``params`` in place with ``grads`` (same nested layout).
+
+        Args:
+            params: All parameters; only those present in ``grads`` change.
+            grads: Gradients of the variables to update.
+        """
+        for layer_name, layer_grads in grads.items():
+            for weight_name, grad in layer_grads.items():
+                key = (layer_name, weight_name)
+                velocity = self.velocities.get(key, np.zeros_like(grad))
+                velocity = self.momentum * velocity - self.learning_rate * grad
+                self.velocities[key] = velocity
+                if self.nesterov:
+                    step = self.momentum * velocity - self.learning_rate * grad
+                else:
+                    step = velocity
+                params[layer_name][weight_name] = (
+                    params[layer_name][weight_name] + step
+                )
+
+
+# --------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Network:
+    """A multi-head network written out explicitly.
+
+    Attributes:
+        head_names: Layer names of the heads, shallowest first, final last;
+            loss ``i`` is the cross-entropy of head ``i``.
+        forward: ``forward(params, x) -> (logits, tape, moments)``: the
+            logits of every head, the stored input of every layer (by a
+            descriptive key), and the batch moments of every
+            BatchNormalization layer (by layer name).
+        backward: ``backward(params, tape, loss_index, grad_logits) ->
+            grads``: gradient of loss ``loss_index`` for every parameter it
+            depends on, evaluated at ``params`` with the stored ``tape``.
+    """
+
+    head_names: tuple
+    forward: Callable
+    backward: Callable
+
+
+# Building blocks of the networks below: each forward helper stores its
+# layer's input in ``tape`` (under the layer name, or a key for layers without
+# parameters) and each backward helper reads it back, uses the CURRENT
+# ``params``, and stores the parameter gradients in ``grads``.
+
+
+def _dense(params, tape, name, x):
+    tape[name] = x
+    return dense_forward(x, params[name]["kernel"], params[name]["bias"])
+
+
+def _dense_back(params, tape, name, grad, grads):
+    grad, grads[name] = dense_backward(tape[name], params[name]["kernel"], grad)
+    return grad
+
+
+def _relu(tape, key, x):
+    tape[key] = x
+    return relu_forward(x)
+
+
+def _relu_back(tape, key, grad):
+    return relu_backward(tape[key], grad)
+
+
+def _conv(params, tape, name, x):
+    tape[name] = x
+    return conv2d_forward(x, params[name]["kernel"], params[name]["bias"])
+
+
+def _conv_back(params, tape, name, grad, grads):
+    grad, grads[name] = conv2d_backward(
+        tape[name], params[name]["kernel"], grad
+    )
+    return grad
+
+
+def _bn(params, tape, moments, name, x):
+    tape[name] = x
+    out, moments[name] = batch_norm_forward(
+        x, params[name]["gamma"], params[name]["beta"]
+    )
+    return out
+
+
+def _bn_back(params, tape, name, grad, grads):
+    grad, grads[name] = batch_norm_backward(
+        tape[name], params[name]["gamma"], grad
+    )
+    return grad
+
+
+def _gap(tape, key, x):
+    tape[key] = x
+    return global_average_pool_forward(x)
+
+
+def _gap_back(tape, key, grad):
+    return global_average_pool_backward(tape[key], grad)
+
+
+def mlp_forward(params, x):
+    """Forward pass of the MLP (see :data:`MLP`)."""
+    tape, moments = {}, {}
+    a1 = _relu(tape, "relu1", _dense(params, tape, "d1", x))
+    h0 = _dense(params, tape, "h0", a1)
+    a2 = _relu(tape, "relu2", _dense(params, tape, "d2", a1))
+    h1 = _dense(params, tape, "h1", a2)
+    final = _dense(params, tape, "final", a2)
+    return [h0, h1, final], tape, moments
+
+
+def mlp_backward(params, tape, loss_index, grad_logits):
+    """Backward pass of one MLP loss (see :class:`Network`)."""
+    grads = {}
+    head = MLP.head_names[loss_index]
+    grad = _dense_back(params, tape, head, grad_logits, grads)
+    if loss_index >= 1:  # heads h1 and final sit on a2
+        grad = _relu_back(tape, "relu2", grad)
+        grad = _dense_back(params, tape, "d2", grad, grads)
+    grad = _relu_back(tape, "relu1", grad)
+    _dense_back(params, tape, "d1", grad, grads)
+    return grads
+
+
+MLP = Network(
+    head_names=("h0", "h1", "final"),
+    forward=mlp_forward,
+    backward=mlp_backward,
+)
+"""MLP, input dim 5.
+
+``d1(6) -> ReLU = a1 -> [h0(3)]``; ``d2(6) -> ReLU = a2 -> [h1(3)]``;
+``a2 -> final(3)``.
+"""
+
+
+def convnet_forward(params, x):
+    """Forward pass of the convolutional network (see :data:`CONVNET`)."""
+    tape, moments = {}, {}
+    stem = _bn(params, tape, moments, "bn1", _conv(params, tape, "c1", x))
+    a1 = _relu(tape, "relu1", stem)
+    branch = _bn(params, tape, moments, "bn2", _conv(params, tape, "c2", a1))
+    branch = _relu(tape, "relu_block", branch)
+    branch = _bn(params, tape, moments, "bn3", _conv(params, tape, "c3", branch))
+    a2 = _relu(tape, "relu2", add_forward(branch, a1))
+    h0 = _dense(params, tape, "h0", _gap(tape, "gap0", a2))
+    a3 = _bn(params, tape, moments, "bn4", _conv(params, tape, "c4", a2))
+    a3 = _relu(tape, "relu3", a3)
+    h1 = _dense(params, tape, "h1", _gap(tape, "gap1", a3))
+    top = _relu(tape, "relu_final", _conv(params, tape, "c5", a3))
+    final = _dense(params, tape, "final", _gap(tape, "gap_final", top))
+    return [h0, h1, final], tape, moments
+
+
+def _convnet_back_to_a3(params, tape, loss_index, grad_logits, grads):
+    """Backward from head 1 or the final head to the gradient w.r.t. a3."""
+    if loss_index == 1:
+        grad = _dense_back(params, tape, "h1", grad_logits, grads)
+        return _gap_back(tape, "gap1", grad)
+    grad = _dense_back(params, tape, "final", grad_logits, grads)
+    grad = _gap_back(tape, "gap_final", grad)
+    grad = _relu_back(tape, "relu_final", grad)
+    return _conv_back(params, tape, "c5", grad, grads)
+
+
+def convnet_backward(params, tape, loss_index, grad_logits):
+    """Backward pass of one convolutional-network loss (see :class:`Network`)."""
+    grads = {}
+    if loss_index == 0:
+        grad = _dense_back(params, tape, "h0", grad_logits, grads)
+        grad_a2 = _gap_back(tape, "gap0", grad)
+    else:
+        grad = _convnet_back_to_a3(params, tape, loss_index, grad_logits, grads)
+        grad = _relu_back(tape, "relu3", grad)
+        grad = _bn_back(params, tape, "bn4", grad, grads)
+        grad_a2 = _conv_back(params, tape, "c4", grad, grads)
+    grad_sum = _relu_back(tape, "relu2", grad_a2)
+    grad_branch, grad_skip = add_backward(grad_sum)
+    grad = _bn_back(params, tape, "bn3", grad_branch, grads)
+    grad = _conv_back(params, tape, "c3", grad, grads)
+    grad = _relu_back(tape, "relu_block", grad)
+    grad = _bn_back(params, tape, "bn2", grad, grads)
+    grad = _conv_back(params, tape, "c2", grad, grads)
+    grad = _relu_back(tape, "relu1", grad + grad_skip)
+    grad = _bn_back(params, tape, "bn1", grad, grads)
+    _conv_back(params, tape, "c1", grad, grads)
+    return grads
+
+
+CONVNET = Network(
+    head_names=("h0", "h1", "final"),
+    forward=convnet_forward,
+    backward=convnet_backward,
+)
+"""Convolutional network, input ``(5, 5, 2)``; every conv is 3 channels,
+3x3, "same".
+
+``c1 -> bn1 -> ReLU = a1``; residual block
+``ReLU(bn3(c3(ReLU(bn2(c2(a1))))) + a1) = a2 -> [GAP -> h0(4)]``;
+``c4 -> bn4 -> ReLU = a3 -> [GAP -> h1(4)]``;
+``a3 -> c5 -> ReLU -> GAP -> final(4)``.
+"""
+
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+
+def _scale(grads, factor):
+    return {
+        layer: {name: factor * grad for name, grad in layer_grads.items()}
+        for layer, layer_grads in grads.items()
+    }
+
+
+def _add(grads_a, grads_b):
+    total = copy.deepcopy(grads_a)
+    for layer, layer_grads in grads_b.items():
+        for name, grad in layer_grads.items():
+            total.setdefault(layer, {})
+            total[layer][name] = total[layer].get(name, 0.0) + grad
+    return total
+
+
+def _standard_update(network, params, tape, grad_logits, gammas, optimizers):
+    """Ordinary (unweighted) gradient of the final loss, one optimizer."""
+    del gammas  # Only the final loss is trained, with its plain gradient.
+    final = len(network.head_names) - 1
+    grads = network.backward(params, tape, final, grad_logits[final])
+    optimizers[0].apply(params, grads)
+
+
+def _joint_update(network, params, tape, grad_logits, gammas, optimizers):
+    """Gradient of ``sum_i gamma_i * xi_i``, one optimizer, one update."""
+    total = {}
+    for index, gamma in enumerate(gammas):
+        grads = network.backward(params, tape, index, grad_logits[index])
+        total = _add(total, _scale(grads, gamma))
+    optimizers[0].apply(params, total)
+
+
+def _mwbp_update(network, params, tape, grad_logits, gammas, optimizers):
+    """Algorithm 1: loss by loss, backward at the CURRENT parameters.
+
+    Loss ``i`` is back-propagated through the parameters already updated by
+    losses ``0..i-1`` in this step, with the features stored by the shared
+    forward pass, and applied by loss ``i``'s own optimizer.
+    """
+    for index, gamma in enumerate(gammas):
+        grads = network.backward(params, tape, index, grad_logits[index])
+        optimizers[index].apply(params, _scale(grads, gamma))
+
+
+def _persistent_tape_update(
+    network, params, tape, grad_logits, gammas, optimizers
+):
+    """WRONG variant: every loss's gradient at the OLD parameters, then each
+    applied in sequence by that loss's own optimizer."""
+    all_grads = [
+        network.backward(params, tape, index, grad_logits[index])
+        for index in range(len(gammas))
+    ]
+    for index, gamma in enumerate(gammas):
+        optimizers[index].apply(params, _scale(all_grads[index], gamma))
+
+
+_UPDATES = {
+    "standard": (_standard_update, False),
+    "joint": (_joint_update, False),
+    "mwbp": (_mwbp_update, True),
+    "persistent_tape": (_persistent_tape_update, True),
+}
+"""Method name -> (parameter update, whether each loss has its own
+optimizer)."""
+
+
+def train_steps(
+    network,
+    params,
+    bn_state,
+    batches,
+    method,
+    gammas,
+    learning_rate,
+    momentum,
+    nesterov=False,
+):
+    """Runs one training step per batch.
+
+    Every step starts with ONE shared forward pass in training mode, which
+    also updates the BatchNormalization moving statistics once; the method
+    then decides how the parameters are updated.
+
+    Args:
+        network: :data:`MLP` or :data:`CONVNET`.
+        params: Initial parameters (not modified).
+        bn_state: Initial moving statistics (not modified).
+        batches: Iterable of ``(x, labels)``.
+        method: ``"standard"``, ``"joint"``, ``"mwbp"`` or the wrong variant
+            ``"persistent_tape"``.
+        gammas: Loss weight of every head, shallowest first.
+        learning_rate: SGD learning rate.
+        momentum: SGD momentum.
+        nesterov: Whether SGD uses Nesterov momentum.
+
+    Returns:
+        Tuple ``(params, bn_state, velocities)``: the trained parameters, the
+        moving statistics and, per optimizer (one, or one per loss), its
+        velocity dict.
+    """
+    update, one_optimizer_per_loss = _UPDATES[method]
+    params = copy.deepcopy(params)
+    bn_state = copy.deepcopy(bn_state)
+    num_optimizers = len(network.head_names) if one_optimizer_per_loss else 1
+    optimizers = [
+        SGDMomentum(learning_rate, momentum, nesterov)
+        for _ in range(num_optimizers)
+    ]
+    for x, labels in batches:
+        logits, tape, moments = network.forward(params, x)
+        for name, layer_moments in moments.items():
+            update_moving_statistics(bn_state[name], layer_moments)
+        grad_logits = [cross_entropy_backward(z, labels) for z in logits]
+        update(network, params, tape, grad_logits, gammas, optimizers)
+    return params, bn_state, [optimizer.velocities for optimizer in optimizers]

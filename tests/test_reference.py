@@ -1,0 +1,655 @@
+"""Numeric equality of ``keras_mwbp`` training with a NumPy reference.
+
+The reference (``reference_numpy.py``) is proven first: every hand-written
+backward pass against central finite differences, and its forward passes,
+optimizer and joint/standard training against plain Keras. Then
+``keras_mwbp.MultiWayModel`` is trained for three steps with each method and
+every trainable weight and BatchNormalization moving statistic is compared
+with the reference, in float64.
+"""
+
+import functools
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import reference_numpy as ref  # noqa: E402
+
+GAMMAS = (0.3, 0.6, 1.0)
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+# Keras's SGD casts the Python float momentum with ``ops.cast``, which on the
+# TensorFlow backend goes through a float32 tensor: float64 variables are
+# updated with float32(0.9) = 0.8999999761581421 (checked bit-exactly by
+# test_reference_sgd_matches_keras). The reference is fed the same value.
+KERAS_MOMENTUM = float(np.float32(MOMENTUM))
+BATCH_SIZE = 8
+NUM_STEPS = 3
+RTOL = 1e-5
+ATOL = 1e-7
+MIN_MWBP_EFFECT = 1e-4
+NETWORKS = {"mlp": ref.MLP, "convnet": ref.CONVNET}
+INPUT_SHAPES = {"mlp": (5,), "convnet": (5, 5, 2)}
+NUM_CLASSES = {"mlp": 3, "convnet": 4}
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _random_batches(network_name, seed):
+    """NUM_STEPS fixed batches ``(x, integer labels)`` for a network."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.normal(size=(BATCH_SIZE,) + INPUT_SHAPES[network_name]),
+            rng.integers(0, NUM_CLASSES[network_name], size=BATCH_SIZE),
+        )
+        for _ in range(NUM_STEPS)
+    ]
+
+
+def _initial_bn_state(network_name):
+    """Keras's initial moving statistics (mean 0, variance 1) by layer."""
+    if network_name == "mlp":
+        return {}
+    return {
+        name: {"moving_mean": np.zeros(3), "moving_variance": np.ones(3)}
+        for name in ("bn1", "bn2", "bn3", "bn4")
+    }
+
+
+def _assert_nested_close(actual, expected, rtol=RTOL, atol=ATOL):
+    """Asserts two ``{layer: {weight: array}}`` dicts are equal numerically."""
+    assert set(actual) == set(expected)
+    for layer, weights in expected.items():
+        assert set(actual[layer]) == set(weights)
+        for weight, array in weights.items():
+            np.testing.assert_allclose(
+                actual[layer][weight],
+                array,
+                rtol=rtol,
+                atol=atol,
+                err_msg=f"{layer}/{weight}",
+            )
+
+
+# --------------------------------------------------------------------------
+# The NumPy reference alone: finite differences and identities
+# --------------------------------------------------------------------------
+
+
+def _numeric_gradient(function, array, step=1e-6):
+    """Central finite differences of scalar ``function()`` w.r.t. ``array``.
+
+    ``array`` is perturbed in place, one entry at a time, and restored.
+    """
+    grad = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + step
+        upper = function()
+        array[index] = original - step
+        lower = function()
+        array[index] = original
+        grad[index] = (upper - lower) / (2.0 * step)
+    return grad
+
+
+def _assert_layer_backward(forward, backward, arrays, seed=0):
+    """Checks a layer's backward pass against finite differences.
+
+    Args:
+        forward: ``forward(arrays) -> output``.
+        backward: ``backward(arrays, grad_out) -> {name: gradient}`` with one
+            gradient per entry of ``arrays``.
+        arrays: Named float64 inputs and parameters of the layer.
+        seed: Seed of the random upstream gradient.
+    """
+    grad_out = np.random.default_rng(seed).normal(size=forward(arrays).shape)
+    analytic = backward(arrays, grad_out)
+    assert set(analytic) == set(arrays)
+    for name, array in arrays.items():
+        numeric = _numeric_gradient(
+            lambda: np.sum(forward(arrays) * grad_out), array
+        )
+        np.testing.assert_allclose(
+            analytic[name], numeric, rtol=1e-6, atol=1e-8, err_msg=name
+        )
+
+
+def test_dense_backward_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    arrays = {
+        "x": rng.normal(size=(4, 5)),
+        "kernel": rng.normal(size=(5, 3)),
+        "bias": rng.normal(size=3),
+    }
+
+    def forward(a):
+        return ref.dense_forward(a["x"], a["kernel"], a["bias"])
+
+    def backward(a, grad_out):
+        grad_x, grads = ref.dense_backward(a["x"], a["kernel"], grad_out)
+        return {"x": grad_x, **grads}
+
+    _assert_layer_backward(forward, backward, arrays)
+
+
+def test_relu_backward_matches_finite_differences():
+    arrays = {"x": np.random.default_rng(2).normal(size=(4, 6))}
+    _assert_layer_backward(
+        lambda a: ref.relu_forward(a["x"]),
+        lambda a, grad_out: {"x": ref.relu_backward(a["x"], grad_out)},
+        arrays,
+    )
+
+
+def test_conv2d_backward_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    arrays = {
+        "x": rng.normal(size=(2, 4, 5, 2)),
+        "kernel": rng.normal(size=(3, 3, 2, 3)),
+        "bias": rng.normal(size=3),
+    }
+
+    def forward(a):
+        return ref.conv2d_forward(a["x"], a["kernel"], a["bias"])
+
+    def backward(a, grad_out):
+        grad_x, grads = ref.conv2d_backward(a["x"], a["kernel"], grad_out)
+        return {"x": grad_x, **grads}
+
+    _assert_layer_backward(forward, backward, arrays)
+
+
+def test_batch_norm_backward_matches_finite_differences():
+    rng = np.random.default_rng(4)
+    arrays = {
+        "x": rng.normal(loc=0.5, scale=2.0, size=(3, 2, 2, 3)),
+        "gamma": rng.normal(size=3),
+        "beta": rng.normal(size=3),
+    }
+
+    def forward(a):
+        return ref.batch_norm_forward(a["x"], a["gamma"], a["beta"])[0]
+
+    def backward(a, grad_out):
+        grad_x, grads = ref.batch_norm_backward(a["x"], a["gamma"], grad_out)
+        return {"x": grad_x, **grads}
+
+    _assert_layer_backward(forward, backward, arrays)
+
+
+def test_add_backward_matches_finite_differences():
+    rng = np.random.default_rng(5)
+    arrays = {"a": rng.normal(size=(2, 3)), "b": rng.normal(size=(2, 3))}
+
+    def backward(a, grad_out):
+        grad_a, grad_b = ref.add_backward(grad_out)
+        return {"a": grad_a, "b": grad_b}
+
+    _assert_layer_backward(
+        lambda a: ref.add_forward(a["a"], a["b"]), backward, arrays
+    )
+
+
+def test_global_average_pool_backward_matches_finite_differences():
+    arrays = {"x": np.random.default_rng(6).normal(size=(2, 3, 4, 3))}
+    _assert_layer_backward(
+        lambda a: ref.global_average_pool_forward(a["x"]),
+        lambda a, grad_out: {
+            "x": ref.global_average_pool_backward(a["x"], grad_out)
+        },
+        arrays,
+    )
+
+
+def test_cross_entropy_backward_matches_finite_differences():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(5, 4))
+    labels = rng.integers(0, 4, size=5)
+    numeric = _numeric_gradient(
+        lambda: ref.cross_entropy_loss(logits, labels), logits
+    )
+    np.testing.assert_allclose(
+        ref.cross_entropy_backward(logits, labels), numeric, rtol=1e-6, atol=1e-9
+    )
+
+
+def _random_params(network_name, rng):
+    """Random parameters (BatchNorm gamma/beta away from 1/0) for a network."""
+    if network_name == "mlp":
+        shapes = {
+            "d1": (5, 6),
+            "h0": (6, 3),
+            "d2": (6, 6),
+            "h1": (6, 3),
+            "final": (6, 3),
+        }
+        batch_norms = ()
+    else:
+        shapes = {"c1": (3, 3, 2, 3), "h0": (3, 4), "h1": (3, 4), "final": (3, 4)}
+        shapes.update({name: (3, 3, 3, 3) for name in ("c2", "c3", "c4", "c5")})
+        batch_norms = ("bn1", "bn2", "bn3", "bn4")
+    params = {
+        name: {
+            "kernel": rng.normal(scale=0.5, size=shape),
+            "bias": rng.normal(scale=0.1, size=shape[-1]),
+        }
+        for name, shape in shapes.items()
+    }
+    for name in batch_norms:
+        params[name] = {
+            "gamma": rng.uniform(0.5, 1.5, size=3),
+            "beta": rng.normal(scale=0.1, size=3),
+        }
+    return params
+
+
+_LOSS_DEPENDENCIES = {
+    "mlp": (
+        {"d1", "h0"},
+        {"d1", "d2", "h1"},
+        {"d1", "d2", "final"},
+    ),
+    "convnet": (
+        {"c1", "bn1", "c2", "bn2", "c3", "bn3", "h0"},
+        {"c1", "bn1", "c2", "bn2", "c3", "bn3", "c4", "bn4", "h1"},
+        {"c1", "bn1", "c2", "bn2", "c3", "bn3", "c4", "bn4", "c5", "final"},
+    ),
+}
+
+
+@pytest.mark.parametrize("loss_index", [0, 1, 2])
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_network_backward_matches_finite_differences(network_name, loss_index):
+    """Each loss's gradient w.r.t. EVERY parameter; zero where not returned."""
+    network = NETWORKS[network_name]
+    rng = np.random.default_rng(8)
+    params = _random_params(network_name, rng)
+    x = rng.normal(size=(4,) + INPUT_SHAPES[network_name])
+    labels = rng.integers(0, NUM_CLASSES[network_name], size=4)
+
+    def loss():
+        logits = network.forward(params, x)[0][loss_index]
+        return ref.cross_entropy_loss(logits, labels)
+
+    logits, tape, _ = network.forward(params, x)
+    grad_logits = ref.cross_entropy_backward(logits[loss_index], labels)
+    grads = network.backward(params, tape, loss_index, grad_logits)
+
+    assert set(grads) == _LOSS_DEPENDENCIES[network_name][loss_index]
+    for layer, weights in params.items():
+        for weight, array in weights.items():
+            expected = _numeric_gradient(loss, array)
+            actual = grads.get(layer, {}).get(weight, np.zeros_like(array))
+            np.testing.assert_allclose(
+                actual, expected, rtol=1e-5, atol=1e-8, err_msg=f"{layer}/{weight}"
+            )
+
+
+def test_backward_uses_stored_features_and_current_params():
+    """Backward at new params with an old tape re-linearises the trunk.
+
+    For the MLP's final loss, d1's kernel gradient is
+    ``x^T [relu1' * ((relu2' * (g W_final^T)) W_d2^T)]`` with the relu masks
+    and ``x`` from the tape and ``W_d2`` the CURRENT d2 kernel.
+    """
+    rng = np.random.default_rng(9)
+    params = _random_params("mlp", rng)
+    x = rng.normal(size=(4, 5))
+    labels = rng.integers(0, 3, size=4)
+    logits, tape, _ = ref.MLP.forward(params, x)
+    grad_logits = ref.cross_entropy_backward(logits[2], labels)
+    params["d2"]["kernel"] = rng.normal(size=(6, 6))
+    params["d1"]["kernel"] = rng.normal(size=(5, 6))
+
+    grads = ref.MLP.backward(params, tape, 2, grad_logits)
+
+    grad_a2 = grad_logits @ params["final"]["kernel"].T
+    grad_pre2 = grad_a2 * (tape["relu2"] > 0)
+    grad_pre1 = (grad_pre2 @ params["d2"]["kernel"].T) * (tape["relu1"] > 0)
+    np.testing.assert_allclose(grads["d1"]["kernel"], x.T @ grad_pre1, rtol=1e-12)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_persistent_tape_equals_joint_for_sgd_momentum(network_name, nesterov):
+    """SGD momentum is linear in the gradient, so per-loss velocity buffers
+    fed with gradients at the OLD parameters sum to the joint velocity: the
+    "persistent tape" variant is indistinguishable from joint training."""
+    args = (
+        NETWORKS[network_name],
+        _random_params(network_name, np.random.default_rng(10)),
+        _initial_bn_state(network_name),
+        _random_batches(network_name, seed=11),
+    )
+    hyper = (GAMMAS, LEARNING_RATE, MOMENTUM, nesterov)
+    tape_params, tape_bn, _ = ref.train_steps(*args, "persistent_tape", *hyper)
+    joint_params, joint_bn, _ = ref.train_steps(*args, "joint", *hyper)
+    _assert_nested_close(tape_params, joint_params, rtol=1e-12, atol=1e-14)
+    _assert_nested_close(tape_bn, joint_bn, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------
+# The reference against plain Keras (layers, SGD, joint training)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def float64_keras():
+    """Makes new Keras layers and inputs float64 for the module's tests."""
+    previous = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    # The global dtype policy is cached from floatx on first use; set it too.
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])
+
+
+def _mlp_graph():
+    """The MLP of ``ref.MLP`` as a functional graph: (inputs, head logits)."""
+    layers = keras.layers
+    inputs = keras.Input((5,))
+    a1 = layers.ReLU()(layers.Dense(6, name="d1")(inputs))
+    h0 = layers.Dense(3, name="h0")(a1)
+    a2 = layers.ReLU()(layers.Dense(6, name="d2")(a1))
+    h1 = layers.Dense(3, name="h1")(a2)
+    final = layers.Dense(3, name="final")(a2)
+    return inputs, [h0, h1, final]
+
+
+def _convnet_graph():
+    """The network of ``ref.CONVNET`` as a functional graph."""
+    layers = keras.layers
+
+    def conv(name):
+        return layers.Conv2D(3, (3, 3), padding="same", name=name)
+
+    inputs = keras.Input((5, 5, 2))
+    a1 = layers.ReLU()(layers.BatchNormalization(name="bn1")(conv("c1")(inputs)))
+    branch = layers.BatchNormalization(name="bn2")(conv("c2")(a1))
+    branch = layers.ReLU()(branch)
+    branch = layers.BatchNormalization(name="bn3")(conv("c3")(branch))
+    a2 = layers.ReLU()(layers.Add()([branch, a1]))
+    h0 = layers.Dense(4, name="h0")(layers.GlobalAveragePooling2D()(a2))
+    a3 = layers.BatchNormalization(name="bn4")(conv("c4")(a2))
+    a3 = layers.ReLU()(a3)
+    h1 = layers.Dense(4, name="h1")(layers.GlobalAveragePooling2D()(a3))
+    top = layers.ReLU()(conv("c5")(a3))
+    final = layers.Dense(4, name="final")(layers.GlobalAveragePooling2D()(top))
+    return inputs, [h0, h1, final]
+
+
+_GRAPHS = {"mlp": _mlp_graph, "convnet": _convnet_graph}
+
+
+def _to_numpy(value):
+    """A Keras variable or tensor as a float64 NumPy array."""
+    return np.array(keras.ops.convert_to_numpy(value), dtype=np.float64)
+
+
+def _keras_state(model):
+    """Reads a model's weights in the reference layout, by layer name.
+
+    Returns:
+        Tuple ``(params, bn_state)``.
+    """
+    params, bn_state = {}, {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            params[layer.name] = {
+                "gamma": _to_numpy(layer.gamma),
+                "beta": _to_numpy(layer.beta),
+            }
+            bn_state[layer.name] = {
+                "moving_mean": _to_numpy(layer.moving_mean),
+                "moving_variance": _to_numpy(layer.moving_variance),
+            }
+        elif isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            params[layer.name] = {
+                "kernel": _to_numpy(layer.kernel),
+                "bias": _to_numpy(layer.bias),
+            }
+    num_arrays = sum(len(weights) for weights in params.values())
+    assert num_arrays == len(model.trainable_weights), "uncompared weights"
+    return params, bn_state
+
+
+def _copy_weights(source, target):
+    """Copies every weight of ``source``'s layers into ``target``'s by name."""
+    for layer in source.layers:
+        if layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+def _sgd(nesterov=False):
+    return keras.optimizers.SGD(
+        learning_rate=LEARNING_RATE, momentum=MOMENTUM, nesterov=nesterov
+    )
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _reference_run(network_name, initial, method, nesterov=False):
+    params, bn_state = initial
+    return ref.train_steps(
+        NETWORKS[network_name],
+        params,
+        bn_state,
+        _random_batches(network_name, seed=0),
+        method,
+        GAMMAS,
+        LEARNING_RATE,
+        KERAS_MOMENTUM,
+        nesterov,
+    )[:2]
+
+
+def _max_relative_difference(actual, expected):
+    """Largest ``||a - e|| / ||e||`` over the weight arrays.
+
+    Arrays of norm below 1e-6 (e.g. conv biases feeding a BatchNorm, whose
+    gradient is zero) are skipped: their ratio is round-off noise.
+    """
+    ratios = [
+        np.linalg.norm(actual[layer][weight] - array) / np.linalg.norm(array)
+        for layer, weights in expected.items()
+        for weight, array in weights.items()
+        if np.linalg.norm(array) > 1e-6
+    ]
+    return max(ratios)
+
+
+def test_reference_layer_forwards_match_keras(float64_keras):
+    rng = np.random.default_rng(12)
+    images = rng.normal(size=(2, 4, 5, 2))
+
+    conv = keras.layers.Conv2D(3, (3, 3), padding="same")
+    conv.build(images.shape)
+    conv.bias.assign(rng.normal(size=3))
+    np.testing.assert_allclose(
+        _to_numpy(conv(images)),
+        ref.conv2d_forward(images, _to_numpy(conv.kernel), _to_numpy(conv.bias)),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+    bn = keras.layers.BatchNormalization()
+    bn.build(images.shape)
+    bn.gamma.assign(rng.uniform(0.5, 1.5, size=2))
+    bn.beta.assign(rng.normal(size=2))
+    state = {"moving_mean": np.zeros(2), "moving_variance": np.ones(2)}
+    expected, moments = ref.batch_norm_forward(
+        images, _to_numpy(bn.gamma), _to_numpy(bn.beta)
+    )
+    ref.update_moving_statistics(state, moments)
+    np.testing.assert_allclose(
+        _to_numpy(bn(images, training=True)), expected, rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        _to_numpy(bn.moving_mean), state["moving_mean"], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        _to_numpy(bn.moving_variance), state["moving_variance"], rtol=1e-12
+    )
+
+    pooled = ref.global_average_pool_forward(images)
+    np.testing.assert_allclose(
+        _to_numpy(keras.layers.GlobalAveragePooling2D()(images)), pooled
+    )
+
+    dense = keras.layers.Dense(3)
+    dense.build(pooled.shape)
+    dense.bias.assign(rng.normal(size=3))
+    logits = ref.dense_forward(pooled, _to_numpy(dense.kernel), _to_numpy(dense.bias))
+    np.testing.assert_allclose(_to_numpy(dense(pooled)), logits, rtol=1e-12)
+
+    labels = np.array([2, 0])
+    np.testing.assert_allclose(
+        _to_numpy(_loss()(labels, logits)),
+        ref.cross_entropy_loss(logits, labels),
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_reference_sgd_matches_keras(float64_keras, nesterov):
+    rng = np.random.default_rng(13)
+    initial = rng.normal(size=(2, 3))
+    gradients = [rng.normal(size=(2, 3)) for _ in range(3)]
+    variable = keras.Variable(initial)
+    optimizer = _sgd(nesterov)
+    reference = ref.SGDMomentum(LEARNING_RATE, KERAS_MOMENTUM, nesterov)
+    params = {"layer": {"w": initial}}
+    for gradient in gradients:
+        optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
+        reference.apply(params, {"layer": {"w": gradient}})
+    np.testing.assert_allclose(
+        _to_numpy(variable), params["layer"]["w"], rtol=1e-14, atol=1e-15
+    )
+
+
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_reference_joint_matches_plain_keras(float64_keras, network_name):
+    """A plain multi-output Keras model with ``loss_weights=GAMMAS`` is joint
+    training; it validates the reference networks, BN statistics and SGD."""
+    inputs, outputs = _GRAPHS[network_name]()
+    model = keras.Model(inputs, outputs)
+    initial = _keras_state(model)
+    model.compile(optimizer=_sgd(), loss=[_loss()] * 3, loss_weights=list(GAMMAS))
+    for x, labels in _random_batches(network_name, seed=0):
+        model.train_on_batch(x, [labels] * 3)
+
+    expected_params, expected_bn = _reference_run(network_name, initial, "joint")
+    actual_params, actual_bn = _keras_state(model)
+    _assert_nested_close(actual_params, expected_params)
+    _assert_nested_close(actual_bn, expected_bn)
+
+
+# --------------------------------------------------------------------------
+# keras_mwbp against the reference
+# --------------------------------------------------------------------------
+
+
+def _multiway_model(network_name, method):
+    import keras_mwbp  # Imported here so the NumPy-only tests run without it.
+
+    inputs, outputs = _GRAPHS[network_name]()
+    return keras_mwbp.MultiWayModel(
+        inputs=inputs, outputs=outputs, method=method, head_weights=list(GAMMAS)
+    )
+
+
+@functools.cache
+def _multiway_run(network_name, method, nesterov=False, run_eagerly=False):
+    """Trains a MultiWayModel for NUM_STEPS steps; needs ``float64_keras``.
+
+    Returns:
+        Tuple ``(initial, trained)`` of ``(params, bn_state)`` pairs.
+    """
+    model = _multiway_model(network_name, method)
+    initial = _keras_state(model)
+    model.compile(optimizer=_sgd(nesterov), loss=_loss(), run_eagerly=run_eagerly)
+    for x, labels in _random_batches(network_name, seed=0):
+        model.train_on_batch(x, labels)
+    return initial, _keras_state(model)
+
+
+@pytest.mark.parametrize("method", ["mwbp", "joint", "standard"])
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_multiway_model_matches_reference(float64_keras, network_name, method):
+    initial, (actual_params, actual_bn) = _multiway_run(network_name, method)
+    expected_params, expected_bn = _reference_run(network_name, initial, method)
+    _assert_nested_close(actual_params, expected_params)
+    _assert_nested_close(actual_bn, expected_bn)
+
+
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_multiway_model_matches_reference_eagerly(float64_keras, network_name):
+    """Eager execution runs the ops in program order, without graph rewrites.
+
+    Together with the compiled-step test above it separates an error in the
+    algorithm from an error in the ordering of variable reads and writes.
+    """
+    initial, (actual_params, actual_bn) = _multiway_run(
+        network_name, "mwbp", run_eagerly=True
+    )
+    expected_params, expected_bn = _reference_run(network_name, initial, "mwbp")
+    _assert_nested_close(actual_params, expected_params)
+    _assert_nested_close(actual_bn, expected_bn)
+
+
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_multiway_model_matches_reference_with_nesterov(
+    float64_keras, network_name
+):
+    initial, (actual_params, actual_bn) = _multiway_run(
+        network_name, "mwbp", nesterov=True
+    )
+    expected_params, expected_bn = _reference_run(
+        network_name, initial, "mwbp", nesterov=True
+    )
+    _assert_nested_close(actual_params, expected_params)
+    _assert_nested_close(actual_bn, expected_bn)
+
+
+@pytest.mark.parametrize("wrong_method", ["joint", "persistent_tape"])
+@pytest.mark.parametrize("network_name", ["mlp", "convnet"])
+def test_mwbp_differs_from_gradients_at_old_params(
+    float64_keras, network_name, wrong_method
+):
+    """MW-BP's re-linearisation changes the result measurably."""
+    initial, (actual_params, _) = _multiway_run(network_name, "mwbp")
+    wrong_params, _ = _reference_run(network_name, initial, wrong_method)
+    assert _max_relative_difference(actual_params, wrong_params) > MIN_MWBP_EFFECT
+
+
+def test_single_head_standard_matches_plain_keras(float64_keras):
+    import keras_mwbp  # Imported here so the NumPy-only tests run without it.
+
+    inputs, outputs = _convnet_graph()
+    multiway = keras_mwbp.MultiWayModel(
+        inputs=inputs, outputs=[outputs[-1]], method="standard", head_weights=[1.0]
+    )
+    inputs, outputs = _convnet_graph()
+    plain = keras.Model(inputs, outputs[-1])
+    _copy_weights(multiway, plain)
+    for model in (multiway, plain):
+        model.compile(optimizer=_sgd(), loss=_loss())
+        for x, labels in _random_batches("convnet", seed=0):
+            model.train_on_batch(x, labels)
+
+    multiway_params, multiway_bn = _keras_state(multiway)
+    plain_params, plain_bn = _keras_state(plain)
+    _assert_nested_close(multiway_params, plain_params, rtol=1e-10, atol=1e-12)
+    _assert_nested_close(multiway_bn, plain_bn, rtol=1e-10, atol=1e-12)
