@@ -13,10 +13,10 @@ import keras
 from keras_mwbp.data import load_digits
 from keras_mwbp.models import CIFAR_RESNET_PRESETS
 from keras_mwbp.models import cifar_resnet
+from keras_mwbp.multi_way_model import METHODS
 from keras_mwbp.report import format_table
 from keras_mwbp.report import head_table
 
-METHODS = ("mwbp", "joint", "standard")
 # Fractions of the run after which the learning rate is divided by 10.
 LR_DROPS = (0.5, 0.75)
 
@@ -48,27 +48,37 @@ def build_parser():
         "scikit-learn's 8x8 digits and print each head's test accuracy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    train.add_argument("--method", choices=METHODS, default="mwbp")
+    train.add_argument(
+        "--method", choices=METHODS, default="mwbp", help="training method"
+    )
     train.add_argument(
         "--nu", type=positive(float), default=2.0,
         help="decay rate of the auxiliary loss weights",
     )
     train.add_argument(
-        "--depth", type=int, choices=sorted(CIFAR_RESNET_PRESETS), default=14,
+        "--depth", type=int, choices=sorted(CIFAR_RESNET_PRESETS), default=20,
         help="weight layers of the ResNet (6n+2)",
     )
     train.add_argument(
-        "--losses", type=positive(int), default=3,
+        "--losses", type=positive(int), default=4,
         help="number of heads, final included",
     )
-    train.add_argument("--epochs", type=positive(int), default=30)
-    train.add_argument("--batch-size", type=positive(int), default=64)
+    train.add_argument(
+        "--epochs", type=positive(int), default=30, help="training epochs"
+    )
+    train.add_argument(
+        "--batch-size", type=positive(int), default=64, help="training batch"
+    )
     train.add_argument(
         "--lr", type=positive(float), default=0.1,
         help="initial learning rate, divided by 10 after "
-        + " and ".join(f"{f:.0%}" for f in LR_DROPS) + " of the epochs",
+        + " and ".join(f"{f * 100:g}%%" for f in LR_DROPS)  # %% for argparse
+        + " of the epochs",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the weights, the data split and the shuffling",
+    )
     train.set_defaults(run=run_train)
     return parser
 

@@ -3,13 +3,13 @@
 import keras
 import numpy as np
 
-# (row key, column title, format of a value, align left).
-COLUMNS = (
-    ("head", "head", "{}", False),
-    ("output", "output", "{}", True),
-    ("depth", "depth", "{}", False),
-    ("params", "params", "{:,}", False),
-    ("accuracy", "test accuracy", "{:.2%}", False),
+# (row key, column title, format of a value) of the `head_table` columns.
+HEAD_COLUMNS = (
+    ("head", "head", "{}"),
+    ("output", "output", "{}"),
+    ("depth", "depth", "{}"),
+    ("params", "params", "{:,}"),
+    ("accuracy", "test accuracy", "{:.2%}"),
 )
 
 
@@ -51,11 +51,15 @@ def head_table(model, x_test, y_test, batch_size=256):
     ]
 
 
-def format_table(rows):
-    """Formats `head_table` rows as an aligned text table.
+def format_table(rows, columns=HEAD_COLUMNS):
+    """Formats rows of dicts as an aligned text table.
+
+    Text is aligned left and numbers right.
 
     Args:
-        rows: List of dicts as returned by `head_table`.
+        rows: List of dicts, e.g. as returned by `head_table`.
+        columns: `(key, title, format)` triples, one per column: the row
+            key, the column title and the `str.format` pattern of a value.
 
     Returns:
         The table as a string: a header line, then one line per row.
@@ -67,13 +71,15 @@ def format_table(rows):
     head  output        depth  params  test accuracy
        0  head_0_dense      5   9,914         90.00%
     """
-    cells = [[title for _, title, _, _ in COLUMNS]]
-    cells += [[fmt.format(row[key]) for key, _, fmt, _ in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    keys = [key for key, _, _ in columns]
+    left = [any(isinstance(row[key], str) for row in rows) for key in keys]
+    cells = [[title for _, title, _ in columns]]
+    cells += [[fmt.format(row[key]) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
     lines = [
         "  ".join(
-            cell.ljust(width) if left else cell.rjust(width)
-            for cell, width, (_, _, _, left) in zip(line, widths, COLUMNS)
+            cell.ljust(width) if is_left else cell.rjust(width)
+            for cell, width, is_left in zip(line, widths, left)
         ).rstrip()
         for line in cells
     ]

@@ -2,3 +2,5 @@
 
 from keras_mwbp.models.cifar_resnet import CIFAR_RESNET_PRESETS
 from keras_mwbp.models.cifar_resnet import cifar_resnet
+
+__all__ = ["CIFAR_RESNET_PRESETS", "cifar_resnet"]

@@ -1,0 +1,98 @@
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import keras_mwbp
+from keras_mwbp.cli import main
+
+# ResNet-8 on 8x8x1 digits with 3 losses: heads after blocks 1 and 2. With
+# BN moving statistics (count_params): stem 144 + BN 64; block 1
+# 2 * (2304 + 64); block 2 4608 + 9216 + 512 + 3 * 128; block 3
+# 18432 + 36864 + 2048 + 3 * 256; heads BN 4c + dense 10c + 10.
+RESNET8_ROWS = [
+    ("0", "head_0_dense", "3", "5,178"),  # 208 + 4736 + 234
+    ("1", "head_1_dense", "5", "20,122"),  # 208 + 4736 + 14720 + 458
+    ("2", "final_dense", "8", "78,426"),  # 208 + 4736 + 14720 + 58112 + 650
+]
+ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+(\d+)\s+([\d,]+)\s+([\d.]+)%$")
+
+
+def table_rows(stdout):
+    """(head, output, depth, params) and accuracy of each printed row."""
+    lines = stdout.splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("head  output")
+    )
+    matches = [ROW.match(line) for line in lines[start + 1:]]
+    assert all(matches), lines[start:]
+    return [(m.groups()[:4], float(m.group(5))) for m in matches]
+
+
+def test_train_end_to_end(tmp_path):
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(keras_mwbp.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [package_root, env.get("PYTHONPATH")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_mwbp", "train", "--epochs", "1",
+         "--depth", "8", "--losses", "3", "--batch-size", "128"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Keras's progress bar: 1347 training images in batches of 128.
+    assert "11/11" in done.stdout
+    rows = table_rows(done.stdout)
+    assert [cells for cells, _ in rows] == RESNET8_ROWS
+    assert all(0 <= accuracy <= 100 for _, accuracy in rows)
+    assert list(tmp_path.iterdir()) == []  # Writes no file.
+
+
+@pytest.mark.parametrize("method", ["joint", "standard"])
+def test_train_other_methods(method, capsys):
+    assert main(["train", "--method", method, "--epochs", "1", "--depth", "8",
+                 "--losses", "2", "--batch-size", "256"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    # 3 blocks // 2 = 1: the head sits on block 2.
+    assert [cells[:3] for cells, _ in rows] == [
+        ("0", "head_0_dense", "5"), ("1", "final_dense", "8"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required: command"),
+        (["fit"], "invalid choice: 'fit'"),
+        (["train", "--method", "relay"], "invalid choice: 'relay'"),
+        (["train", "--epochs", "0"], "must be > 0"),
+        (["train", "--epochs", "two"], "invalid int value"),
+        (["train", "--nu", "-1"], "must be > 0"),
+        (["train", "--depth", "9"], "invalid choice: 9"),
+        (["train", "--depth", "8", "--losses", "4"], "`num_losses`"),
+        (["train", "--losses", "1"], "at least two heads"),
+    ],
+)
+def test_bad_flags_exit_with_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help(argv, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # No line breaks inside the help.
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: keras-mwbp" in out
+    if argv[0] == "train":
+        # The defaults of the README's run: ResNet-20, 4 heads, 30 epochs.
+        for default in ["(default: 20)", "(default: 4)", "(default: 30)",
+                        "after 50% and 75%"]:
+            assert default in out
