@@ -8,6 +8,7 @@ every trainable weight and BatchNormalization moving statistic is compared
 with the reference, in float64.
 """
 
+import collections
 import functools
 import os
 
@@ -653,3 +654,45 @@ def test_single_head_standard_matches_plain_keras(float64_keras):
     plain_params, plain_bn = _keras_state(plain)
     _assert_nested_close(multiway_params, plain_params, rtol=1e-10, atol=1e-12)
     _assert_nested_close(multiway_bn, plain_bn, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture
+def float32_keras():
+    """Makes new Keras layers float32 for one test."""
+    previous = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
+    yield
+    keras.config.set_floatx(previous[0])
+    keras.config.set_dtype_policy(previous[1])
+
+
+def test_mwbp_float32_fused_batch_norm_matches_reference(float32_keras, monkeypatch):
+    """Float32 NHWC BatchNorm layers are re-linearized with TensorFlow's fused
+    kernels; the float32 result still follows the float64 reference."""
+    from keras_mwbp.backend import tensorflow as tf_backend
+
+    fused_calls = []
+    original = tf_backend._fused_batch_norm_vjp
+
+    def spy(layer, *args):
+        fused_calls.append(layer.name)
+        return original(layer, *args)
+
+    monkeypatch.setattr(tf_backend, "_fused_batch_norm_vjp", spy)
+    model = _multiway_model("convnet", "mwbp")
+    initial = _keras_state(model)
+    model.compile(optimizer=_sgd(), loss=_loss())
+    for x, labels in _random_batches("convnet", seed=0):
+        model.train_on_batch(x.astype("float32"), labels)
+    actual_params, actual_bn = _keras_state(model)
+    expected_params, expected_bn = _reference_run("convnet", initial, "mwbp")
+    # Per trace, loss 1 re-linearizes bn1-bn3 (updated by loss 0) and loss 2
+    # bn1-bn4.
+    counts = collections.Counter(fused_calls)
+    traces = counts["bn4"]
+    assert traces >= 1
+    assert counts == {"bn1": 2 * traces, "bn2": 2 * traces, "bn3": 2 * traces,
+                      "bn4": traces}
+    _assert_nested_close(actual_params, expected_params, rtol=1e-4, atol=1e-5)
+    _assert_nested_close(actual_bn, expected_bn, rtol=1e-4, atol=1e-5)

@@ -162,6 +162,12 @@ class TensorFlowStep:
         input_ids = list(edges)
         variables = self.graph.node_variables(index)
         args, kwargs = self.calls[index]
+        if _fused_batch_norm_applies(node, args, kwargs):
+            grads = _fused_batch_norm_vjp(
+                node.operation, args[0], output_cts[0], variables
+            )
+            self._add_vjp(input_ids, variables, grads, cotangents, var_grads)
+            return
         with tf.GradientTape() as tape:
             tape.watch([edges[i] for i in input_ids])
             with keras.StatelessScope(state_mapping=self.states[index]):
@@ -178,11 +184,63 @@ class TensorFlowStep:
             [edges[i] for i in input_ids] + variables,
             output_gradients=[ct for _, ct in pairs],
         )
+        self._add_vjp(input_ids, variables, grads, cotangents, var_grads)
+
+    def _add_vjp(self, input_ids, variables, grads, cotangents, var_grads):
         for ref_id, grad in zip(input_ids, grads):
             if ref_id in self.graph.producer:
                 _accumulate(cotangents, ref_id, grad)
         for variable, grad in zip(variables, grads[len(input_ids):]):
             _accumulate(var_grads, id(variable), grad)
+
+
+def _fused_batch_norm_applies(node, args, kwargs):
+    """Whether node is a plain Keras BatchNormalization of NHWC float32."""
+    layer = node.operation
+    if type(layer) is not keras.layers.BatchNormalization:
+        return False
+    x = args[0] if args else None
+    return (
+        len(args) == 1
+        and kwargs.get("mask") is None
+        and x is not None
+        and x.shape.rank == 4
+        and x.dtype == tf.float32
+        and layer.axis in (-1, 3)
+        and not layer.renorm
+        and not layer.synchronized
+        and layer.trainable
+        and layer.dtype_policy.compute_dtype == "float32"
+    )
+
+
+def _fused_batch_norm_vjp(layer, x, cotangent, variables):
+    """Vector-Jacobian product of training-mode batch normalization.
+
+    The same Jacobian as the layer's own (batch statistics of the stored input
+    `x`, current scale), from TensorFlow's fused kernels: one pass instead of
+    re-running the layer's unfused normalization and differentiating it.
+
+    Returns:
+        Gradients for `[x] + variables` (the layer's gamma and beta).
+    """
+    channels = x.shape[-1]
+    gamma = layer.gamma if layer.scale else tf.ones([channels], x.dtype)
+    beta = layer.beta if layer.center else tf.zeros([channels], x.dtype)
+    empty = tf.constant([], x.dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=tf.convert_to_tensor(gamma),
+            offset=tf.convert_to_tensor(beta),
+            mean=empty,
+            variance=empty,
+            epsilon=layer.epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )[0]
+    return tape.gradient(y, [x] + variables, output_gradients=cotangent)
 
 
 def after(tensors, dependencies):
