@@ -189,7 +189,10 @@ class MultiWayModel(keras.Model):
             metrics: One list of metrics for every head, or a list of lists
                 (one per output) or a dict keyed by output name.
             weighted_metrics: As `metrics`, weighted by `sample_weight`.
-            **kwargs: Other `keras.Model.compile` arguments.
+            **kwargs: Other `keras.Model.compile` arguments. `auto_scale_loss`
+                is ignored: the optimizer is never wrapped in a
+                `LossScaleOptimizer` (it would hide the per-loss optimizers),
+                so mixed-precision training runs without loss scaling.
         """
         if loss_weights is not None:
             raise ValueError(
@@ -197,6 +200,7 @@ class MultiWayModel(keras.Model):
                 "are `head_weights` (or computed from `nu`). "
                 f"Received: loss_weights={loss_weights!r}"
             )
+        kwargs.pop("auto_scale_loss", None)
         head_losses = self._per_head_losses(loss)
         head_metrics = self._per_head_metrics(metrics, "metrics")
         head_weighted = self._per_head_metrics(
@@ -215,6 +219,8 @@ class MultiWayModel(keras.Model):
             optimizer=container,
             metrics=head_metrics,
             weighted_metrics=head_weighted,
+            # A LossScaleOptimizer would hide the per-loss optimizers.
+            auto_scale_loss=False,
             **kwargs,
         )
         self._head_losses = head_losses
@@ -309,15 +315,23 @@ class MultiWayModel(keras.Model):
         ]
 
     def _update_logs(self, x, y, y_pred, sample_weight, head_losses, total):
+        # Keras losses are divided by the number of replicas of a
+        # `tf.distribute` strategy; the logs show the global values.
+        replicas = backend_step.num_replicas()
         batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]
-        self._loss_tracker.update_state(total, sample_weight=batch_size)
+        self._loss_tracker.update_state(
+            total * replicas, sample_weight=batch_size
+        )
         for tracker, value in zip(self._head_loss_trackers, head_losses):
-            tracker.update_state(value, sample_weight=batch_size)
-        if self._compile_metrics is not None:
-            self._compile_metrics.update_state(
-                [y] * self.num_heads, y_pred, sample_weight
-            )
-        return self.get_metrics_result()
+            tracker.update_state(value * replicas, sample_weight=batch_size)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Updates every head's metrics with the one label array `y`."""
+        y_pred = keras.tree.flatten(y_pred)
+        return super().compute_metrics(
+            x, [y] * len(y_pred), y_pred, sample_weight=sample_weight
+        )
 
     # ------------------------------------------------------------ validation
     def _per_head(self, value, argument):
@@ -510,6 +524,7 @@ def _dense_labels_fit(y_shape, out_shape):
 
 
 def _regularization_penalty(variables):
+    """The weight regularizers' penalty, scaled per replica like losses."""
     terms = [v.regularizer(v) for v in variables
              if getattr(v, "regularizer", None)]
-    return sum(terms) if terms else 0.0
+    return sum(terms) / backend_step.num_replicas() if terms else 0.0

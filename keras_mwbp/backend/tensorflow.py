@@ -256,8 +256,17 @@ def after(tensors, dependencies):
         return [tf.identity(t) for t in tensors]
 
 
+def num_replicas():
+    """Replicas of the current `tf.distribute` strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
 def regularization_gradients(variables):
     """Gradients of the variables' own regularizers at their current values.
+
+    Under a `tf.distribute` strategy the penalty is divided by the number of
+    replicas, as Keras losses are, since the optimizer sums the replicas'
+    gradients.
 
     Returns:
         A list of gradients (or `None`) in `variables` order, and the summed
@@ -268,6 +277,7 @@ def regularization_gradients(variables):
         return [None] * len(variables), 0.0
     with tf.GradientTape() as tape:
         penalty = tf.add_n([v.regularizer(v) for v in regularized])
+        penalty = penalty / num_replicas()
     grads = dict(
         zip(map(id, regularized), tape.gradient(penalty, regularized))
     )
