@@ -214,7 +214,7 @@ class MultiWayModel(keras.Model):
                       if self.method == "standard"
                       else self.trainable_variables]
         container = MultiWayOptimizer(optimizer, num_losses=len(groups))
-        container.set_variable_groups(groups)
+        container.set_variable_groups(groups, self.trainable_variables)
         super().compile(
             optimizer=container,
             metrics=head_metrics,
@@ -406,9 +406,10 @@ class MultiWayModel(keras.Model):
                 "Received: y=None"
             )
         if isinstance(y, (list, tuple, dict)):
+            shapes = keras.tree.map_structure(lambda t: tuple(t.shape), y)
             raise ValueError(
                 "`y` must be one label array used by every head, not one per "
-                f"head. Received: y with structure {keras.tree.map_structure(lambda t: tuple(t.shape), y)}"
+                f"head. Received: y with structure {shapes}"
             )
         y_shape = tuple(y.shape)
         for name, output, loss_fn in zip(

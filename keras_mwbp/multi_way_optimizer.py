@@ -2,6 +2,7 @@
 
 import keras
 from keras import ops
+from keras.src.utils import tracking
 
 
 @keras.saving.register_keras_serializable(package="keras_mwbp")
@@ -93,18 +94,26 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         for inner in self._inner:
             inner.learning_rate = learning_rate
 
-    def set_variable_groups(self, groups):
+    @tracking.no_automatic_dependency_tracking
+    def set_variable_groups(self, groups, variables=None):
         """Sets which variables each inner optimizer updates.
 
         Args:
             groups: One list of variables per inner optimizer.
+            variables: All the model's trainable variables, in the order
+                `build()` will receive them; by default the groups' variables
+                in order of first appearance. Loading a state into an
+                optimizer that is not built yet builds it on these.
         """
         if len(groups) != self.num_losses:
             raise ValueError(
                 f"`groups` must have one entry per loss ({self.num_losses}). "
                 f"Received {len(groups)} groups."
             )
+        if variables is None:
+            variables = {id(v): v for group in groups for v in group}.values()
         self._groups = [{id(v) for v in group} for group in groups]
+        self._model_variables = tuple(variables)
 
     def build(self, variables):
         if self._groups is None:
@@ -134,6 +143,9 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
             store[str(i)] = variable.numpy()
 
     def load_own_variables(self, store):
+        if not self.built and self._groups is not None:
+            # Loading weights into a compiled model that has not trained yet.
+            self.build(list(self._model_variables))
         variables = self.variables
         if len(store.keys()) != len(variables):
             raise ValueError(

@@ -60,18 +60,7 @@ def check_head_weights(head_weights, num_outputs):
     Returns:
         Tuple of floats.
     """
-    try:
-        weights = tuple(head_weights)
-    except TypeError:
-        raise ValueError(
-            "`head_weights` must be a list with one weight per output. "
-            f"Received: head_weights={head_weights!r}"
-        ) from None
-    if len(weights) != num_outputs:
-        raise ValueError(
-            f"`head_weights` must have one weight per output ({num_outputs} "
-            f"outputs). Received: head_weights={list(weights)!r}"
-        )
+    weights = _one_per_output(head_weights, "head_weights", "weight", num_outputs)
     for weight in weights:
         if (
             isinstance(weight, bool)
@@ -96,20 +85,10 @@ def check_head_depths(head_depths, num_outputs):
     Returns:
         Tuple of ints.
     """
-    try:
-        depths = tuple(head_depths)
-    except TypeError:
-        raise ValueError(
-            "`head_depths` must be a list with one depth per output. "
-            f"Received: head_depths={head_depths!r}"
-        ) from None
-    if len(depths) != num_outputs:
-        raise ValueError(
-            f"`head_depths` must have one depth per output ({num_outputs} "
-            f"outputs). Received: head_depths={list(depths)!r}"
-        )
+    depths = _one_per_output(head_depths, "head_depths", "depth", num_outputs)
     if any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in depths
+        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1
+        for d in depths
     ):
         raise ValueError(
             "Every entry of `head_depths` must be a positive integer. "
@@ -121,3 +100,20 @@ def check_head_depths(head_depths, num_outputs):
             f"to the final one. Received: head_depths={list(depths)!r}"
         )
     return tuple(int(d) for d in depths)
+
+
+def _one_per_output(values, argument, noun, num_outputs):
+    """`values` as a tuple, or a `ValueError` unless one per output."""
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(
+            f"`{argument}` must be a list with one {noun} per output. "
+            f"Received: {argument}={values!r}"
+        ) from None
+    if len(values) != num_outputs:
+        raise ValueError(
+            f"`{argument}` must have one {noun} per output ({num_outputs} "
+            f"outputs). Received: {argument}={list(values)!r}"
+        )
+    return values
