@@ -1,6 +1,7 @@
 """`MultiWayModel`: a functional Keras model trained with Multi-way BP."""
 
 import keras
+from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.saving import serialization_lib
 from keras.src.utils import tracking
 
@@ -229,6 +230,7 @@ class MultiWayModel(keras.Model):
             keras.metrics.Mean(name=f"{name}_loss")
             for name in self.output_names
         ]
+        container.build(self.trainable_variables)
         self._compile_config = serialization_lib.SerializableDict(
             optimizer=container.template,
             loss=loss,
@@ -240,8 +242,6 @@ class MultiWayModel(keras.Model):
     def compile_from_config(self, config):
         config = serialization_lib.deserialize_keras_object(config)
         self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     @property
     def metrics(self):
@@ -479,7 +479,7 @@ def _loss_object(identifier):
         raise ValueError(f"Could not interpret loss: {identifier!r}")
     if isinstance(loss, keras.losses.Loss):
         return loss
-    return keras.losses.LossFunctionWrapper(loss, name=loss.__name__)
+    return LossFunctionWrapper(loss, name=loss.__name__)
 
 
 def _clone_metric(metric):
@@ -497,7 +497,7 @@ def _label_rule(loss_fn):
     fn = getattr(loss_fn, "fn", None)
     if isinstance(loss_fn, _SPARSE_LOSSES) or fn in _SPARSE_FUNCTIONS:
         return _sparse_labels_fit
-    owner = fn if isinstance(loss_fn, keras.losses.LossFunctionWrapper) else (
+    owner = fn if isinstance(loss_fn, LossFunctionWrapper) else (
         type(loss_fn))
     if getattr(owner, "__module__", "").startswith("keras."):
         return _dense_labels_fit

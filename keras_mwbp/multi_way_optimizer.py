@@ -43,12 +43,12 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     """
 
     def __init__(self, optimizer, num_losses, name=None, **kwargs):
-        template = keras.optimizers.get(optimizer)
-        if not isinstance(template, keras.optimizers.Optimizer):
+        if not isinstance(optimizer, (str, dict, keras.optimizers.Optimizer)):
             raise TypeError(
                 "`optimizer` must be a Keras optimizer. "
                 f"Received: optimizer={optimizer!r}"
             )
+        template = keras.optimizers.get(optimizer)
         if isinstance(template, MultiWayOptimizer):
             template = template.template
         if (
