@@ -263,11 +263,10 @@ class MultiWayModel(keras.Model):
             y_pred = step.forward(self, x, training=True)
             head_losses = self._head_loss_values(y, y_pred, sample_weight)
             weighted = [g * loss for g, loss in zip(gammas, head_losses)]
-            objective = (
-                head_losses[-1] if self.method == "standard" else sum(weighted)
-            )
+            objective = self._objective(head_losses)
             penalty = _regularization_penalty(self.trainable_variables)
         step.commit_state()  # BatchNorm statistics move once per step.
+        total = objective + penalty  # Logged; computed before any update.
         if self.method == "mwbp":
             # 2. Multi-way backward, shallow to deep: loss i's gradient at the
             # parameters already updated by losses 0..i-1 of this step.
@@ -275,37 +274,38 @@ class MultiWayModel(keras.Model):
             for i in range(self.num_heads):
                 variables = graph.loss_variables[i]
                 grads = step.multiway_gradients(i, weighted[i], updated)
-                self._apply(i, grads, variables)
+                self._apply(i, grads, variables, after=[total])
                 updated.update(id(v) for v in variables)
         else:
             variables = self._update_groups[0]
-            self._apply(0, step.gradients(objective, variables), variables)
+            grads = step.gradients(objective, variables)
+            self._apply(0, grads, variables, after=[total])
         self.optimizer.finish_step()
-        return self._update_logs(
-            x, y, y_pred, sample_weight, head_losses, objective + penalty
-        )
+        return self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_labels(y)
         y_pred = keras.tree.flatten(self(x, training=False))
         head_losses = self._head_loss_values(y, y_pred, sample_weight)
-        if self.method == "standard":
-            objective = head_losses[-1]
-        else:
-            objective = sum(
-                g * loss for g, loss in zip(self.head_weights, head_losses)
-            )
-        penalty = _regularization_penalty(self.trainable_variables)
-        return self._update_logs(
-            x, y, y_pred, sample_weight, head_losses, objective + penalty
+        total = self._objective(head_losses) + _regularization_penalty(
+            self.trainable_variables
         )
+        return self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
 
-    def _apply(self, index, grads, variables):
-        """Adds the variables' regularizer gradients, applies optimizer i."""
+    def _objective(self, head_losses):
+        """The method's training objective (what `loss` logs, less
+        regularization)."""
+        if self.method == "standard":
+            return head_losses[-1]
+        return sum(g * loss for g, loss in zip(self.head_weights, head_losses))
+
+    def _apply(self, index, grads, variables, after=()):
+        """Adds the variables' regularizer gradients, applies optimizer i once
+        every gradient of the loss (and every tensor of `after`) exists."""
         reg_grads, _ = backend_step.regularization_gradients(variables)
         grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
-        grads = backend_step.after(grads, grads)
+        grads = backend_step.after(grads, list(grads) + list(after))
         self.optimizer.apply_loss(index, grads, variables)
 
     def _head_loss_values(self, y, y_pred, sample_weight):
