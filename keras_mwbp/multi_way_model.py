@@ -303,7 +303,7 @@ class MultiWayModel(keras.Model):
     def _apply(self, index, grads, variables, after=()):
         """Adds the variables' regularizer gradients, applies optimizer i once
         every gradient of the loss (and every tensor of `after`) exists."""
-        reg_grads, _ = backend_step.regularization_gradients(variables)
+        reg_grads = backend_step.regularization_gradients(variables)
         grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
         grads = backend_step.after(grads, list(grads) + list(after))
         self.optimizer.apply_loss(index, grads, variables)

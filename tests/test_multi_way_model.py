@@ -860,3 +860,35 @@ def test_metric_objects_are_cloned_per_head():
     accuracies = [np.mean(np.argmax(p, -1) == y) for p in predictions]
     for head, accuracy in zip(HEADS, accuracies):
         assert results[f"{head}_acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("method, updates", [("mwbp", 2), ("joint", 1)])
+def test_weight_regularizer_applies_in_every_update_touching_it(method, updates):
+    """A regularized kernel whose layer the losses cannot see (its output is
+    multiplied by zero) moves only by its L2 penalty: once per update that
+    touches it, each at the current value, i.e. W * (1 - 2 * l2 * lr)**k with
+    k = 2 for mwbp (both losses reach it) and k = 1 for joint."""
+    l2, lr = 0.05, 0.1
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(
+        3, name="d1", kernel_regularizer=keras.regularizers.L2(l2)
+    )(inputs)
+    trunk = keras.layers.Dense(3, name="d2")(keras.ops.multiply(hidden, 0.0))
+    aux = keras.layers.Dense(2, name="aux")(trunk)
+    final = keras.layers.Dense(2, name="final")(
+        keras.layers.Dense(3, name="d3")(trunk)
+    )
+    model = MultiWayModel(inputs, [aux, final], method=method)
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    kernel = model.get_layer("d1").kernel
+    before = keras.ops.convert_to_numpy(kernel)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    model.train_on_batch(x, np.arange(8) % 2)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(kernel),
+        before * (1 - 2 * l2 * lr) ** updates,
+        rtol=1e-6,
+    )

@@ -4,8 +4,8 @@
 `tf.GradientTape`, keeping what the multi-way backward needs: each node's
 inputs (a `tf.identity` per consuming node where a tensor has several
 consumers, so that the gradient reaching it through one consumer can be read
-alone), its outputs and its
-non-trainable state before the call (BatchNorm statistics, dropout seeds).
+alone), its outputs and its non-trainable state before the call (BatchNorm
+statistics, dropout seeds).
 
 Gradients of loss `i` at the parameters already updated by earlier losses of
 the step (paper Eq. 10) are taken in two parts. The nodes of the *region*
@@ -16,7 +16,8 @@ small tape, and its vector-Jacobian product is taken there. Everything above
 the region uses the forward tape, whose recorded values are still the current
 ones for those layers. The re-call's forward result is not used (only its
 gradient is), so TensorFlow prunes the forward work of convolutions and
-dense layers from the graph.
+dense layers from the graph; float32 NHWC BatchNorm layers use TensorFlow's
+fused gradient kernel instead of a re-call.
 """
 
 import keras
@@ -269,19 +270,18 @@ def regularization_gradients(variables):
     gradients.
 
     Returns:
-        A list of gradients (or `None`) in `variables` order, and the summed
-        regularization loss.
+        A list of gradients (or `None`) in `variables` order.
     """
     regularized = [v for v in variables if getattr(v, "regularizer", None)]
     if not regularized:
-        return [None] * len(variables), 0.0
+        return [None] * len(variables)
     with tf.GradientTape() as tape:
         penalty = tf.add_n([v.regularizer(v) for v in regularized])
         penalty = penalty / num_replicas()
     grads = dict(
         zip(map(id, regularized), tape.gradient(penalty, regularized))
     )
-    return [grads.get(id(v)) for v in variables], penalty
+    return [grads.get(id(v)) for v in variables]
 
 
 def _accumulate(store, key, value):
