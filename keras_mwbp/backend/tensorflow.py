@@ -53,9 +53,11 @@ class TensorFlowStep:
         Returns:
             The list of model outputs as seen by the losses.
         """
-        tensors = {}
-        for ref, value in zip(model.inputs, tf.nest.flatten(x)):
-            tensors[id(ref)] = tf.convert_to_tensor(value, dtype=ref.dtype)
+        # Keras's own input handling: dict inputs by name, dtypes, ranks.
+        tensors = {
+            id(ref): value
+            for ref, value in zip(model.inputs, model._standardize_inputs(x))
+        }
         for index, node in enumerate(self.graph.nodes):
             edges = {id(t): self._edge(tensors[id(t)], id(t))
                      for t in node.input_tensors}
