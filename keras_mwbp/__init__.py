@@ -5,16 +5,20 @@ good, with the exact update of Guo et al., "Multi-way backpropagation for
 training compact deep neural networks" (Neural Networks, 2020).
 """
 
+from keras_mwbp.callbacks import AdaptiveNu
 from keras_mwbp.multi_way_model import METHODS
 from keras_mwbp.multi_way_model import MultiWayModel
 from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
+from keras_mwbp.placement import place_heads
 from keras_mwbp.weighting import gammas_from_depths
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveNu",
     "METHODS",
     "MultiWayModel",
     "MultiWayOptimizer",
     "gammas_from_depths",
+    "place_heads",
 ]

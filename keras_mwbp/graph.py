@@ -106,6 +106,9 @@ class HeadGraph:
         ancestors: For each output, the frozenset of node indices it needs.
         loss_variables: For each output, the trainable variables its loss
             depends on, in `model.trainable_variables` order.
+        segments: For each output, the variables its loss is the first to
+            depend on (Relay BP's segments: the trunk since the previous tap
+            and the head).
         depths: Tap depth of each head; the final entry is the depth of the
             whole network.
     """
@@ -127,6 +130,12 @@ class HeadGraph:
         self.loss_variables = tuple(
             self._variables_of(nodes, trainable) for nodes in self.ancestors
         )
+        seen = set()
+        segments = []
+        for variables in self.loss_variables:
+            segments.append([v for v in variables if id(v) not in seen])
+            seen.update(id(v) for v in variables)
+        self.segments = tuple(segments)
         self.depths = self._head_depths(model)
 
     def node_variables(self, index):

@@ -5,13 +5,24 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.saving import serialization_lib
 from keras.src.utils import tracking
 
-from keras_mwbp import weighting
+from keras_mwbp import weighting as loss_weights
 from keras_mwbp.backend import tensorflow as backend_step
 from keras_mwbp.graph import HeadGraph
 from keras_mwbp.graph import check_outputs_depend_on_inputs
 from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
 
-METHODS = ("standard", "joint", "mwbp")
+METHODS = (
+    "standard",
+    "joint",
+    "relay",
+    "mwbp",
+    "reverse_mwbp",
+    "naive_mwbp",
+    "naive_reverse_mwbp",
+)
+# Methods with one optimizer and one update per loss, in this order of losses.
+MULTIWAY_METHODS = ("mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp")
+WEIGHTINGS = ("paper", "reference_code")
 
 
 @keras.saving.register_keras_serializable(package="keras_mwbp")
@@ -88,37 +99,60 @@ class MultiWayModel(keras.Model):
         nu=2.0,
         head_depths=None,
         head_weights=None,
+        relay_span=1,
+        weighting="paper",
         **kwargs,
     ):
         if method not in METHODS:
             raise ValueError(
                 f"`method` must be one of {METHODS}. Received: method={method!r}"
             )
-        weighting.check_nu(nu)
+        _check_relay_span(relay_span)
+        _check_weighting(weighting, method)
+        loss_weights.check_nu(nu)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         outputs = list(outputs)
-        if method == "mwbp" and len(outputs) < 2:
+        if method in MULTIWAY_METHODS and len(outputs) < 2:
             raise ValueError(
                 "`outputs` must hold at least two heads (auxiliary heads and "
-                f"the final one) for method='mwbp'. Received: {len(outputs)} "
-                "output(s)."
+                f"the final one) for method={method!r}. Received: "
+                f"{len(outputs)} output(s)."
             )
         check_outputs_depend_on_inputs(keras.tree.flatten(inputs), outputs)
         if head_weights is not None:
-            head_weights = weighting.check_head_weights(
+            head_weights = loss_weights.check_head_weights(
                 head_weights, len(outputs)
             )
         if head_depths is not None:
-            head_depths = weighting.check_head_depths(head_depths, len(outputs))
+            head_depths = loss_weights.check_head_depths(
+                head_depths, len(outputs)
+            )
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self._check_no_activity_regularizers()
         self._head_graph = HeadGraph(self)
         _check_head_order(self._head_graph.depths)
         self.method = method
-        self.nu = float(nu)
+        self.relay_span = int(relay_span)
+        self.weighting = weighting
         self._given_head_depths = head_depths
         self._given_head_weights = head_weights
+        # Non-trainable variables, so that a callback can change them between
+        # steps without retracing the train step; saved with the weights.
+        self._nu = self.add_weight(
+            shape=(), trainable=False, dtype="float64", name="nu"
+        )
+        self._gammas = self.add_weight(
+            shape=(len(self.outputs),),
+            trainable=False,
+            dtype="float64",
+            name="head_weights",
+        )
+        self._nu.assign(float(nu))
+        self._gammas.assign(
+            head_weights
+            or loss_weights.gammas_from_depths(self.head_depths, nu)
+        )
 
     # ------------------------------------------------------------ properties
     @property
@@ -130,9 +164,35 @@ class MultiWayModel(keras.Model):
     @property
     def head_weights(self):
         """Loss weight gamma_i of each head (paper Eq. 5), final last."""
+        return tuple(
+            float(g) for g in keras.ops.convert_to_numpy(self._gammas)
+        )
+
+    @property
+    def nu(self):
+        """The decay rate of Eq. 5 the loss weights were computed with."""
+        return float(keras.ops.convert_to_numpy(self._nu))
+
+    def set_nu(self, nu):
+        """Sets `nu` and recomputes the loss weights from `head_depths`.
+
+        The weights live in a non-trainable variable: the change applies from
+        the next training step on, without retracing it.
+
+        Args:
+            nu: Positive decay rate.
+        """
+        loss_weights.check_nu(nu)
         if self._given_head_weights is not None:
-            return self._given_head_weights
-        return weighting.gammas_from_depths(self.head_depths, self.nu)
+            raise ValueError(
+                "`nu` cannot change the loss weights of a model built with "
+                f"explicit `head_weights`={list(self._given_head_weights)}. "
+                f"Received: nu={nu!r}"
+            )
+        self._nu.assign(float(nu))
+        self._gammas.assign(
+            loss_weights.gammas_from_depths(self.head_depths, nu)
+        )
 
     @property
     def num_heads(self):
@@ -208,12 +268,12 @@ class MultiWayModel(keras.Model):
             weighted_metrics, "weighted_metrics"
         )
         self._head_graph = HeadGraph(self)
-        if self.method == "mwbp":
+        if self.method in MULTIWAY_METHODS:
             groups = list(self._head_graph.loss_variables)
+        elif self.method == "standard":
+            groups = [self._head_graph.loss_variables[-1]]
         else:
-            groups = [self._head_graph.loss_variables[-1]
-                      if self.method == "standard"
-                      else self.trainable_variables]
+            groups = [self.trainable_variables]
         container = MultiWayOptimizer(optimizer, num_losses=len(groups))
         container.set_variable_groups(groups, self.trainable_variables)
         super().compile(
@@ -255,50 +315,132 @@ class MultiWayModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_labels(y)
-        graph = self._head_graph
-        gammas = self.head_weights
-        step = backend_step.TensorFlowStep(graph)
-        # 1. Shared forward: every feature and every loss, once.
-        with step.recording(persistent=self.method == "mwbp"):
+        step = backend_step.TensorFlowStep(self._head_graph)
+        # The shared forward: every feature and every loss, once.
+        with step.recording(persistent=self.method not in ("standard", "joint")):
             y_pred = step.forward(self, x, training=True)
             head_losses = self._head_loss_values(y, y_pred, sample_weight)
-            weighted = [g * loss for g, loss in zip(gammas, head_losses)]
-            objective = self._objective(head_losses)
+            gammas = self._gamma_tensors(head_losses[0].dtype)
+            objective = self._objective(head_losses, gammas)
             penalty = _regularization_penalty(self.trainable_variables)
         step.commit_state()  # BatchNorm statistics move once per step.
         total = objective + penalty  # Logged; computed before any update.
-        if self.method == "mwbp":
-            # 2. Multi-way backward, shallow to deep: loss i's gradient at the
-            # parameters already updated by losses 0..i-1 of this step.
-            updated = set()
-            for i in range(self.num_heads):
-                variables = graph.loss_variables[i]
-                grads = step.multiway_gradients(i, weighted[i], updated)
-                self._apply(i, grads, variables, after=[total])
-                updated.update(id(v) for v in variables)
+        if self.method in MULTIWAY_METHODS:
+            self._multiway_backward(step, head_losses, gammas, data, [total])
         else:
             variables = self._update_groups[0]
-            grads = step.gradients(objective, variables)
+            if self.method == "relay":
+                grads = self._relay_gradients(step, head_losses, gammas)
+            else:
+                grads = step.gradients(objective, variables)
             self._apply(0, grads, variables, after=[total])
         self.optimizer.finish_step()
-        return self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
+        logs = self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
+        logs["nu"] = self._nu.value
+        for i in range(self.num_heads):
+            logs[f"gamma_{i}"] = self._gammas.value[i]
+        return logs
+
+    def _multiway_backward(self, step, head_losses, gammas, data, after):
+        """Paper Algorithm 1: one backward pass and update per loss.
+
+        `mwbp` goes from the shallowest loss to the final one,
+        `reverse_mwbp` the other way; each loss's gradient is taken at the
+        parameters the earlier losses of this step already updated, with the
+        features of the shared forward pass (re-linearized, Eq. 10). The
+        `naive_*` methods instead run a new forward pass with the current
+        parameters before every loss after the first.
+        """
+        graph = self._head_graph
+        order = range(self.num_heads)
+        if self.method in ("reverse_mwbp", "naive_reverse_mwbp"):
+            order = reversed(order)
+        updated = set()
+        for i in order:
+            variables = graph.loss_variables[i]
+            if not self.method.startswith("naive_"):
+                grads = step.multiway_gradients(i, head_losses[i], updated)
+            elif not updated:
+                grads = step.gradients(head_losses[i], variables)
+            else:
+                grads = self._fresh_gradients(step, i, data, variables)
+            grads = [
+                g * factor
+                for g, factor in zip(grads, self._scales(i, variables, gammas))
+            ]
+            self._apply(i, grads, variables, after=after)
+            updated.update(id(v) for v in variables)
+
+    def _fresh_gradients(self, step, index, data, variables):
+        """Naive MW-BP: loss `index` from a new forward pass (current
+        parameters, the step's recorded state, no state committed)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        fresh = step.fresh()
+        with fresh.recording(persistent=False):
+            outputs = fresh.forward(
+                self, x, training=True, nodes=self._head_graph.ancestors[index]
+            )
+            loss = self._head_losses[index](
+                y, outputs[index], sample_weight=sample_weight
+            )
+        return fresh.gradients(loss, variables)
+
+    def _relay_gradients(self, step, head_losses, gammas):
+        """Relay BP: loss i's gradient reaches segments i - span .. i."""
+        graph = self._head_graph
+        totals = {}
+        for i, loss in enumerate(head_losses):
+            reach = {
+                id(v)
+                for s in range(max(0, i - self.relay_span), i + 1)
+                for v in graph.segments[s]
+            }
+            variables = [v for v in graph.loss_variables[i] if id(v) in reach]
+            for v, g in zip(variables, step.gradients(loss, variables)):
+                g = gammas[i] * g
+                totals[id(v)] = g + totals[id(v)] if id(v) in totals else g
+        return [
+            totals.get(id(v), keras.ops.zeros(v.shape, v.dtype))
+            for v in self._update_groups[0]
+        ]
+
+    def _scales(self, index, variables, gammas):
+        """The factor of loss `index`'s gradient for each variable.
+
+        `"paper"`: gamma_i everywhere. `"reference_code"` (the authors'
+        code): 1 on an auxiliary head's own variables, gamma_i divided by
+        the sum of gamma_j for j = i .. K-1 on the trunk, 1 for the final loss.
+        """
+        if self.weighting == "paper":
+            return [gammas[index]] * len(variables)
+        last = self.num_heads - 1
+        if index == last:
+            return [1.0] * len(variables)
+        trunk = {id(v) for v in self._head_graph.loss_variables[last]}
+        normalized = gammas[index] / sum(gammas[index:last])
+        return [normalized if id(v) in trunk else 1.0 for v in variables]
+
+    def _gamma_tensors(self, dtype):
+        gammas = keras.ops.cast(self._gammas.value, dtype)
+        return [gammas[i] for i in range(self.num_heads)]
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_labels(y)
         y_pred = keras.tree.flatten(self(x, training=False))
         head_losses = self._head_loss_values(y, y_pred, sample_weight)
-        total = self._objective(head_losses) + _regularization_penalty(
+        gammas = self._gamma_tensors(head_losses[0].dtype)
+        total = self._objective(head_losses, gammas) + _regularization_penalty(
             self.trainable_variables
         )
         return self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
 
-    def _objective(self, head_losses):
+    def _objective(self, head_losses, gammas):
         """The method's training objective (what `loss` logs, less
         regularization)."""
         if self.method == "standard":
             return head_losses[-1]
-        return sum(g * loss for g, loss in zip(self.head_weights, head_losses))
+        return sum(g * loss for g, loss in zip(gammas, head_losses))
 
     def _apply(self, index, grads, variables, after=()):
         """Adds the variables' regularizer gradients, applies optimizer i once
@@ -441,6 +583,8 @@ class MultiWayModel(keras.Model):
             trainable=self.trainable,
             method=self.method,
             nu=self.nu,
+            relay_span=self.relay_span,
+            weighting=self.weighting,
             head_depths=(
                 None if self._given_head_depths is None
                 else list(self._given_head_depths)
@@ -457,6 +601,31 @@ class MultiWayModel(keras.Model):
         from keras.src.models.functional import functional_from_config
 
         return functional_from_config(cls, config, custom_objects)
+
+
+def _check_relay_span(relay_span):
+    if (
+        isinstance(relay_span, bool)
+        or not isinstance(relay_span, int)
+        or relay_span < 0
+    ):
+        raise ValueError(
+            "`relay_span` must be a non-negative integer. "
+            f"Received: relay_span={relay_span!r}"
+        )
+
+
+def _check_weighting(weighting, method):
+    if weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"`weighting` must be one of {WEIGHTINGS}. "
+            f"Received: weighting={weighting!r}"
+        )
+    if weighting == "reference_code" and method not in MULTIWAY_METHODS:
+        raise ValueError(
+            "`weighting='reference_code'` applies to the methods with one "
+            f"update per loss {MULTIWAY_METHODS}. Received: method={method!r}"
+        )
 
 
 def _check_head_order(depths):

@@ -81,8 +81,13 @@ def copy_weights(source, target):
 
 
 def weights_by_path(model):
-    """`{variable.path: numpy value}` of every weight of `model`."""
-    return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+    """`{variable.path: numpy value}` of every weight of `model`; the model's
+    own variables (`nu`, `head_weights`) by name, as model names differ."""
+    return {
+        v.name if v.path.startswith(f"{model.name}/") else v.path:
+        keras.ops.convert_to_numpy(v)
+        for v in model.weights
+    }
 
 
 def assert_weights_equal(actual, expected, rtol=0.0, atol=0.0, paths=None):

@@ -20,6 +20,9 @@ Conventions:
       shared forward pass) and the layer's CURRENT parameters, so a backward
       pass may be evaluated at parameters that differ from those of the
       forward pass, as multi-way backpropagation requires.
+
+:func:`train_steps` runs every training method of ``keras_mwbp``
+(:data:`METHODS`), each a short update function of a :class:`Step`.
 """
 
 import copy
@@ -582,56 +585,250 @@ def _add(grads_a, grads_b):
     return total
 
 
-def _standard_update(network, params, tape, grad_logits, gammas, optimizers):
+def _restrict(grads, layers):
+    """The entries of ``grads`` whose layer is in ``layers``."""
+    return {layer: g for layer, g in grads.items() if layer in layers}
+
+
+def segments(dependencies):
+    """Relay BP's segments: the layers each loss is the FIRST to depend on.
+
+    Segment ``s`` holds the layers loss ``s`` depends on that no loss
+    ``< s`` depends on: the trunk between tap ``s - 1`` and tap ``s`` plus
+    head ``s``.
+
+    Args:
+        dependencies: Per loss, shallowest first, the set of layer names it
+            depends on (see :func:`loss_dependencies`).
+
+    Returns:
+        List of sets of layer names, one per loss.
+    """
+    seen = set()
+    result = []
+    for layers in dependencies:
+        result.append(set(layers) - seen)
+        seen |= set(layers)
+    return result
+
+
+def relay_layers(dependencies, index, span):
+    """Layers that loss ``index`` reaches in Relay BP with span ``c``:
+    segments ``max(0, index - c) .. index``."""
+    parts = segments(dependencies)
+    return set().union(*parts[max(0, index - span) : index + 1])
+
+
+def loss_dependencies(network, params, x, labels):
+    """Per loss, the set of layer names whose parameters it depends on
+    (read off the layers a backward pass returns gradients for)."""
+    logits, tape, _ = network.forward(params, x)
+    return [
+        set(
+            network.backward(
+                params, tape, index, cross_entropy_backward(z, labels)
+            )
+        )
+        for index, z in enumerate(logits)
+    ]
+
+
+def loss_scales(dependencies, gammas, weighting="paper"):
+    """Factor applied to loss ``i``'s gradient, per loss and layer.
+
+    ``"paper"``: ``gamma_i`` everywhere. ``"reference_code"`` (the authors'
+    code): for an auxiliary loss ``i < K``, 1 on its head's own layers (those
+    the final loss does not depend on) and
+    ``gamma_i / sum_{j=i}^{K-1} gamma_j`` on the trunk (those the final loss
+    depends on); 1 everywhere for the final loss.
+
+    Returns:
+        List (one per loss) of dicts ``{layer_name: factor}`` over the layers
+        the loss depends on.
+    """
+    last = len(gammas) - 1
+    scales = []
+    for index, layers in enumerate(dependencies):
+        if weighting == "paper":
+            scales.append({layer: gammas[index] for layer in layers})
+        elif weighting == "reference_code":
+            if index == last:
+                scales.append({layer: 1.0 for layer in layers})
+                continue
+            trunk = gammas[index] / sum(gammas[index:last])
+            scales.append(
+                {
+                    layer: trunk if layer in dependencies[last] else 1.0
+                    for layer in layers
+                }
+            )
+        else:
+            raise ValueError(f"unknown weighting {weighting!r}")
+    return scales
+
+
+def _scale_per_layer(grads, factors):
+    return {
+        layer: {name: factors[layer] * g for name, g in layer_grads.items()}
+        for layer, layer_grads in grads.items()
+    }
+
+
+@dataclass
+class Step:
+    """One training step's data, after the shared forward pass.
+
+    Attributes:
+        network: The network.
+        params: The parameters, updated in place by the step's updates.
+        x: The batch's inputs.
+        labels: The batch's labels.
+        tape: Stored layer inputs of the shared forward pass.
+        grad_logits: Per loss, the gradient of the loss w.r.t. its logits
+            from the shared forward pass.
+        gammas: Loss weights.
+        dependencies: Per loss, the set of layer names it depends on.
+        scales: Per loss, ``{layer: factor}`` of its gradient
+            (:func:`loss_scales`).
+        relay_span: Relay BP's ``c``.
+        optimizers: One optimizer, or one per loss.
+    """
+
+    network: Network
+    params: dict
+    x: np.ndarray
+    labels: np.ndarray
+    tape: dict
+    grad_logits: list
+    gammas: tuple
+    dependencies: list
+    scales: list
+    relay_span: int
+    optimizers: list
+
+    @property
+    def num_losses(self):
+        return len(self.network.head_names)
+
+    def shared_gradient(self, index):
+        """Gradient of loss ``index`` at the CURRENT parameters with the
+        features of the shared forward pass (Eq. 10's re-linearization)."""
+        return self.network.backward(
+            self.params, self.tape, index, self.grad_logits[index]
+        )
+
+    def fresh_gradient(self, index):
+        """Gradient of loss ``index`` from a NEW forward pass in training
+        mode at the current parameters (its batch statistics are not used
+        for the moving statistics)."""
+        logits, tape, _ = self.network.forward(self.params, self.x)
+        grad = cross_entropy_backward(logits[index], self.labels)
+        return self.network.backward(self.params, tape, index, grad)
+
+    def apply_loss(self, index, grads):
+        """Scales loss ``index``'s gradient (:attr:`scales`) and applies it
+        with loss ``index``'s own optimizer."""
+        scaled = _scale_per_layer(grads, self.scales[index])
+        self.optimizers[index].apply(self.params, scaled)
+
+
+def _standard_update(step):
     """Ordinary (unweighted) gradient of the final loss, one optimizer."""
-    del gammas  # Only the final loss is trained, with its plain gradient.
-    final = len(network.head_names) - 1
-    grads = network.backward(params, tape, final, grad_logits[final])
-    optimizers[0].apply(params, grads)
+    final = step.num_losses - 1
+    step.optimizers[0].apply(step.params, step.shared_gradient(final))
 
 
-def _joint_update(network, params, tape, grad_logits, gammas, optimizers):
+def _joint_update(step):
     """Gradient of ``sum_i gamma_i * xi_i``, one optimizer, one update."""
     total = {}
-    for index, gamma in enumerate(gammas):
-        grads = network.backward(params, tape, index, grad_logits[index])
+    for index, gamma in enumerate(step.gammas):
+        total = _add(total, _scale(step.shared_gradient(index), gamma))
+    step.optimizers[0].apply(step.params, total)
+
+
+def _relay_update(step):
+    """Relay BP (Eq. 8): as joint, but loss ``i``'s gradient reaches only the
+    segments ``max(0, i - c) .. i``; all gradients at the old parameters."""
+    total = {}
+    for index, gamma in enumerate(step.gammas):
+        reach = relay_layers(step.dependencies, index, step.relay_span)
+        grads = _restrict(step.shared_gradient(index), reach)
         total = _add(total, _scale(grads, gamma))
-    optimizers[0].apply(params, total)
+    step.optimizers[0].apply(step.params, total)
 
 
-def _mwbp_update(network, params, tape, grad_logits, gammas, optimizers):
-    """Algorithm 1: loss by loss, backward at the CURRENT parameters.
-
-    Loss ``i`` is back-propagated through the parameters already updated by
-    losses ``0..i-1`` in this step, with the features stored by the shared
-    forward pass, and applied by loss ``i``'s own optimizer.
-    """
-    for index, gamma in enumerate(gammas):
-        grads = network.backward(params, tape, index, grad_logits[index])
-        optimizers[index].apply(params, _scale(grads, gamma))
+def _multiway(step, order):
+    """One backward and update per loss, in ``order``, each at the CURRENT
+    parameters with the features stored by the shared forward pass, applied
+    by the loss's own optimizer."""
+    for index in order:
+        step.apply_loss(index, step.shared_gradient(index))
 
 
-def _persistent_tape_update(
-    network, params, tape, grad_logits, gammas, optimizers
-):
+def _naive_multiway(step, order):
+    """As :func:`_multiway`, but every loss after the first is
+    back-propagated through a new forward pass at the current parameters."""
+    for position, index in enumerate(order):
+        if position == 0:
+            grads = step.shared_gradient(index)
+        else:
+            grads = step.fresh_gradient(index)
+        step.apply_loss(index, grads)
+
+
+def _shallow_to_deep(step):
+    return range(step.num_losses)
+
+
+def _deep_to_shallow(step):
+    return range(step.num_losses - 1, -1, -1)
+
+
+def _mwbp_update(step):
+    """Algorithm 1: loss by loss, shallow to deep; loss ``i`` is
+    back-propagated through the parameters already updated by losses
+    ``0..i-1`` in this step, with the features of the shared forward pass."""
+    _multiway(step, _shallow_to_deep(step))
+
+
+def _reverse_mwbp_update(step):
+    """MW-BP from the final loss down to the shallowest."""
+    _multiway(step, _deep_to_shallow(step))
+
+
+def _naive_mwbp_update(step):
+    """Naive MW-BP, shallow to deep, a new forward pass per later loss."""
+    _naive_multiway(step, _shallow_to_deep(step))
+
+
+def _naive_reverse_mwbp_update(step):
+    """Naive MW-BP, deep to shallow, a new forward pass per later loss."""
+    _naive_multiway(step, _deep_to_shallow(step))
+
+
+def _persistent_tape_update(step):
     """WRONG variant: every loss's gradient at the OLD parameters, then each
     applied in sequence by that loss's own optimizer."""
-    all_grads = [
-        network.backward(params, tape, index, grad_logits[index])
-        for index in range(len(gammas))
-    ]
-    for index, gamma in enumerate(gammas):
-        optimizers[index].apply(params, _scale(all_grads[index], gamma))
+    all_grads = [step.shared_gradient(i) for i in range(step.num_losses)]
+    for index, grads in enumerate(all_grads):
+        step.apply_loss(index, grads)
 
 
 _UPDATES = {
     "standard": (_standard_update, False),
     "joint": (_joint_update, False),
+    "relay": (_relay_update, False),
     "mwbp": (_mwbp_update, True),
+    "reverse_mwbp": (_reverse_mwbp_update, True),
+    "naive_mwbp": (_naive_mwbp_update, True),
+    "naive_reverse_mwbp": (_naive_reverse_mwbp_update, True),
     "persistent_tape": (_persistent_tape_update, True),
 }
 """Method name -> (parameter update, whether each loss has its own
-optimizer)."""
+optimizer). Only the methods with one optimizer per loss take a
+``weighting``."""
+
+METHODS = tuple(name for name in _UPDATES if name != "persistent_tape")
 
 
 def train_steps(
@@ -644,24 +841,33 @@ def train_steps(
     learning_rate,
     momentum,
     nesterov=False,
+    relay_span=1,
+    weighting="paper",
 ):
     """Runs one training step per batch.
 
     Every step starts with ONE shared forward pass in training mode, which
-    also updates the BatchNormalization moving statistics once; the method
-    then decides how the parameters are updated.
+    also updates the BatchNormalization moving statistics once (the naive
+    methods' extra forward passes do not move them); the method then decides
+    how the parameters are updated.
 
     Args:
         network: :data:`MLP` or :data:`CONVNET`.
         params: Initial parameters (not modified).
         bn_state: Initial moving statistics (not modified).
         batches: Iterable of ``(x, labels)``.
-        method: ``"standard"``, ``"joint"``, ``"mwbp"`` or the wrong variant
+        method: One of :data:`METHODS` (``"standard"``, ``"joint"``,
+            ``"relay"``, ``"mwbp"``, ``"reverse_mwbp"``, ``"naive_mwbp"``,
+            ``"naive_reverse_mwbp"``) or the wrong variant
             ``"persistent_tape"``.
         gammas: Loss weight of every head, shallowest first.
         learning_rate: SGD learning rate.
         momentum: SGD momentum.
         nesterov: Whether SGD uses Nesterov momentum.
+        relay_span: Relay BP's ``c`` (``"relay"`` only), an int >= 0.
+        weighting: ``"paper"`` or ``"reference_code"`` (see
+            :func:`loss_scales`); only for methods with one optimizer per
+            loss.
 
     Returns:
         Tuple ``(params, bn_state, velocities)``: the trained parameters, the
@@ -669,6 +875,12 @@ def train_steps(
         velocity dict.
     """
     update, one_optimizer_per_loss = _UPDATES[method]
+    if weighting != "paper" and not one_optimizer_per_loss:
+        raise ValueError(f"weighting={weighting!r} needs a per-loss method")
+    if isinstance(relay_span, bool) or not isinstance(relay_span, int) or (
+        relay_span < 0
+    ):
+        raise ValueError(f"relay_span must be an int >= 0: {relay_span!r}")
     params = copy.deepcopy(params)
     bn_state = copy.deepcopy(bn_state)
     num_optimizers = len(network.head_names) if one_optimizer_per_loss else 1
@@ -676,10 +888,26 @@ def train_steps(
         SGDMomentum(learning_rate, momentum, nesterov)
         for _ in range(num_optimizers)
     ]
+    dependencies = None
     for x, labels in batches:
+        if dependencies is None:  # They do not change between steps.
+            dependencies = loss_dependencies(network, params, x, labels)
+            scales = loss_scales(dependencies, gammas, weighting)
         logits, tape, moments = network.forward(params, x)
         for name, layer_moments in moments.items():
             update_moving_statistics(bn_state[name], layer_moments)
-        grad_logits = [cross_entropy_backward(z, labels) for z in logits]
-        update(network, params, tape, grad_logits, gammas, optimizers)
+        step = Step(
+            network=network,
+            params=params,
+            x=x,
+            labels=labels,
+            tape=tape,
+            grad_logits=[cross_entropy_backward(z, labels) for z in logits],
+            gammas=tuple(gammas),
+            dependencies=dependencies,
+            scales=scales,
+            relay_span=relay_span,
+            optimizers=optimizers,
+        )
+        update(step)
     return params, bn_state, [optimizer.velocities for optimizer in optimizers]

@@ -67,7 +67,7 @@ def test_train_other_methods(method, capsys):
     [
         ([], "required: command"),
         (["fit"], "invalid choice: 'fit'"),
-        (["train", "--method", "relay"], "invalid choice: 'relay'"),
+        (["train", "--method", "dsn"], "invalid choice: 'dsn'"),
         (["train", "--epochs", "0"], "must be > 0"),
         (["train", "--epochs", "two"], "invalid int value"),
         (["train", "--nu", "-1"], "must be > 0"),

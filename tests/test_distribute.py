@@ -89,7 +89,8 @@ def test_mirrored_strategy_matches_single_device():
     assert result["iterations"] == 4
     assert result["inner_iterations"] == [4, 4]
     assert set(result["mirrored"]) == set(result["single"]) == {
-        "loss", "aux_loss", "final_loss", "aux_accuracy", "final_accuracy"
+        "loss", "aux_loss", "final_loss", "aux_accuracy", "final_accuracy",
+        "nu", "gamma_0", "gamma_1",
     }
     for key, values in result["single"].items():
         for single, mirrored in zip(values, result["mirrored"][key]):

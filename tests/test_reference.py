@@ -9,7 +9,6 @@ with the reference, in float64.
 """
 
 import collections
-import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -19,65 +18,30 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import reference_numpy as ref  # noqa: E402
-
-GAMMAS = (0.3, 0.6, 1.0)
-LEARNING_RATE = 0.1
-MOMENTUM = 0.9
-# Keras's SGD casts the Python float momentum with ``ops.cast``, which on the
-# TensorFlow backend goes through a float32 tensor: float64 variables are
-# updated with float32(0.9) = 0.8999999761581421 (checked bit-exactly by
-# test_reference_sgd_matches_keras). The reference is fed the same value.
-KERAS_MOMENTUM = float(np.float32(MOMENTUM))
-BATCH_SIZE = 8
-NUM_STEPS = 3
-RTOL = 1e-5
-ATOL = 1e-7
-MIN_MWBP_EFFECT = 1e-4
-NETWORKS = {"mlp": ref.MLP, "convnet": ref.CONVNET}
-INPUT_SHAPES = {"mlp": (5,), "convnet": (5, 5, 2)}
-NUM_CLASSES = {"mlp": 3, "convnet": 4}
-
-
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-
-def _random_batches(network_name, seed):
-    """NUM_STEPS fixed batches ``(x, integer labels)`` for a network."""
-    rng = np.random.default_rng(seed)
-    return [
-        (
-            rng.normal(size=(BATCH_SIZE,) + INPUT_SHAPES[network_name]),
-            rng.integers(0, NUM_CLASSES[network_name], size=BATCH_SIZE),
-        )
-        for _ in range(NUM_STEPS)
-    ]
-
-
-def _initial_bn_state(network_name):
-    """Keras's initial moving statistics (mean 0, variance 1) by layer."""
-    if network_name == "mlp":
-        return {}
-    return {
-        name: {"moving_mean": np.zeros(3), "moving_variance": np.ones(3)}
-        for name in ("bn1", "bn2", "bn3", "bn4")
-    }
-
-
-def _assert_nested_close(actual, expected, rtol=RTOL, atol=ATOL):
-    """Asserts two ``{layer: {weight: array}}`` dicts are equal numerically."""
-    assert set(actual) == set(expected)
-    for layer, weights in expected.items():
-        assert set(actual[layer]) == set(weights)
-        for weight, array in weights.items():
-            np.testing.assert_allclose(
-                actual[layer][weight],
-                array,
-                rtol=rtol,
-                atol=atol,
-                err_msg=f"{layer}/{weight}",
-            )
+from _reference_harness import GAMMAS  # noqa: E402
+from _reference_harness import GRAPHS  # noqa: E402
+from _reference_harness import INPUT_SHAPES  # noqa: E402
+from _reference_harness import KERAS_MOMENTUM  # noqa: E402
+from _reference_harness import LEARNING_RATE  # noqa: E402
+from _reference_harness import MIN_MWBP_EFFECT  # noqa: E402
+from _reference_harness import MOMENTUM  # noqa: E402
+from _reference_harness import NETWORKS  # noqa: E402
+from _reference_harness import NUM_CLASSES  # noqa: E402
+from _reference_harness import assert_nested_close  # noqa: E402
+from _reference_harness import convnet_graph  # noqa: E402
+from _reference_harness import copy_weights  # noqa: E402
+from _reference_harness import float64_dtype  # noqa: E402
+from _reference_harness import initial_bn_state  # noqa: E402
+from _reference_harness import keras_state  # noqa: E402
+from _reference_harness import max_relative_difference  # noqa: E402
+from _reference_harness import multiway_model  # noqa: E402
+from _reference_harness import multiway_run  # noqa: E402
+from _reference_harness import random_batches  # noqa: E402
+from _reference_harness import random_params  # noqa: E402
+from _reference_harness import reference_run  # noqa: E402
+from _reference_harness import sgd  # noqa: E402
+from _reference_harness import sparse_ce  # noqa: E402
+from _reference_harness import to_numpy  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -223,36 +187,6 @@ def test_cross_entropy_backward_matches_finite_differences():
     )
 
 
-def _random_params(network_name, rng):
-    """Random parameters (BatchNorm gamma/beta away from 1/0) for a network."""
-    if network_name == "mlp":
-        shapes = {
-            "d1": (5, 6),
-            "h0": (6, 3),
-            "d2": (6, 6),
-            "h1": (6, 3),
-            "final": (6, 3),
-        }
-        batch_norms = ()
-    else:
-        shapes = {"c1": (3, 3, 2, 3), "h0": (3, 4), "h1": (3, 4), "final": (3, 4)}
-        shapes.update({name: (3, 3, 3, 3) for name in ("c2", "c3", "c4", "c5")})
-        batch_norms = ("bn1", "bn2", "bn3", "bn4")
-    params = {
-        name: {
-            "kernel": rng.normal(scale=0.5, size=shape),
-            "bias": rng.normal(scale=0.1, size=shape[-1]),
-        }
-        for name, shape in shapes.items()
-    }
-    for name in batch_norms:
-        params[name] = {
-            "gamma": rng.uniform(0.5, 1.5, size=3),
-            "beta": rng.normal(scale=0.1, size=3),
-        }
-    return params
-
-
 _LOSS_DEPENDENCIES = {
     "mlp": (
         {"d1", "h0"},
@@ -273,7 +207,7 @@ def test_network_backward_matches_finite_differences(network_name, loss_index):
     """Each loss's gradient w.r.t. EVERY parameter; zero where not returned."""
     network = NETWORKS[network_name]
     rng = np.random.default_rng(8)
-    params = _random_params(network_name, rng)
+    params = random_params(network_name, rng)
     x = rng.normal(size=(4,) + INPUT_SHAPES[network_name])
     labels = rng.integers(0, NUM_CLASSES[network_name], size=4)
 
@@ -303,7 +237,7 @@ def test_backward_uses_stored_features_and_current_params():
     and ``x`` from the tape and ``W_d2`` the CURRENT d2 kernel.
     """
     rng = np.random.default_rng(9)
-    params = _random_params("mlp", rng)
+    params = random_params("mlp", rng)
     x = rng.normal(size=(4, 5))
     labels = rng.integers(0, 3, size=4)
     logits, tape, _ = ref.MLP.forward(params, x)
@@ -327,15 +261,15 @@ def test_persistent_tape_equals_joint_for_sgd_momentum(network_name, nesterov):
     "persistent tape" variant is indistinguishable from joint training."""
     args = (
         NETWORKS[network_name],
-        _random_params(network_name, np.random.default_rng(10)),
-        _initial_bn_state(network_name),
-        _random_batches(network_name, seed=11),
+        random_params(network_name, np.random.default_rng(10)),
+        initial_bn_state(network_name),
+        random_batches(network_name, seed=11),
     )
     hyper = (GAMMAS, LEARNING_RATE, MOMENTUM, nesterov)
     tape_params, tape_bn, _ = ref.train_steps(*args, "persistent_tape", *hyper)
     joint_params, joint_bn, _ = ref.train_steps(*args, "joint", *hyper)
-    _assert_nested_close(tape_params, joint_params, rtol=1e-12, atol=1e-14)
-    _assert_nested_close(tape_bn, joint_bn, rtol=1e-12, atol=1e-14)
+    assert_nested_close(tape_params, joint_params, rtol=1e-12, atol=1e-14)
+    assert_nested_close(tape_bn, joint_bn, rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------
@@ -346,129 +280,8 @@ def test_persistent_tape_equals_joint_for_sgd_momentum(network_name, nesterov):
 @pytest.fixture(scope="module")
 def float64_keras():
     """Makes new Keras layers and inputs float64 for the module's tests."""
-    previous = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    # The global dtype policy is cached from floatx on first use; set it too.
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(previous[0])
-    keras.config.set_dtype_policy(previous[1])
-
-
-def _mlp_graph():
-    """The MLP of ``ref.MLP`` as a functional graph: (inputs, head logits)."""
-    layers = keras.layers
-    inputs = keras.Input((5,))
-    a1 = layers.ReLU()(layers.Dense(6, name="d1")(inputs))
-    h0 = layers.Dense(3, name="h0")(a1)
-    a2 = layers.ReLU()(layers.Dense(6, name="d2")(a1))
-    h1 = layers.Dense(3, name="h1")(a2)
-    final = layers.Dense(3, name="final")(a2)
-    return inputs, [h0, h1, final]
-
-
-def _convnet_graph():
-    """The network of ``ref.CONVNET`` as a functional graph."""
-    layers = keras.layers
-
-    def conv(name):
-        return layers.Conv2D(3, (3, 3), padding="same", name=name)
-
-    inputs = keras.Input((5, 5, 2))
-    a1 = layers.ReLU()(layers.BatchNormalization(name="bn1")(conv("c1")(inputs)))
-    branch = layers.BatchNormalization(name="bn2")(conv("c2")(a1))
-    branch = layers.ReLU()(branch)
-    branch = layers.BatchNormalization(name="bn3")(conv("c3")(branch))
-    a2 = layers.ReLU()(layers.Add()([branch, a1]))
-    h0 = layers.Dense(4, name="h0")(layers.GlobalAveragePooling2D()(a2))
-    a3 = layers.BatchNormalization(name="bn4")(conv("c4")(a2))
-    a3 = layers.ReLU()(a3)
-    h1 = layers.Dense(4, name="h1")(layers.GlobalAveragePooling2D()(a3))
-    top = layers.ReLU()(conv("c5")(a3))
-    final = layers.Dense(4, name="final")(layers.GlobalAveragePooling2D()(top))
-    return inputs, [h0, h1, final]
-
-
-_GRAPHS = {"mlp": _mlp_graph, "convnet": _convnet_graph}
-
-
-def _to_numpy(value):
-    """A Keras variable or tensor as a float64 NumPy array."""
-    return np.array(keras.ops.convert_to_numpy(value), dtype=np.float64)
-
-
-def _keras_state(model):
-    """Reads a model's weights in the reference layout, by layer name.
-
-    Returns:
-        Tuple ``(params, bn_state)``.
-    """
-    params, bn_state = {}, {}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            params[layer.name] = {
-                "gamma": _to_numpy(layer.gamma),
-                "beta": _to_numpy(layer.beta),
-            }
-            bn_state[layer.name] = {
-                "moving_mean": _to_numpy(layer.moving_mean),
-                "moving_variance": _to_numpy(layer.moving_variance),
-            }
-        elif isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-            params[layer.name] = {
-                "kernel": _to_numpy(layer.kernel),
-                "bias": _to_numpy(layer.bias),
-            }
-    num_arrays = sum(len(weights) for weights in params.values())
-    assert num_arrays == len(model.trainable_weights), "uncompared weights"
-    return params, bn_state
-
-
-def _copy_weights(source, target):
-    """Copies every weight of ``source``'s layers into ``target``'s by name."""
-    for layer in source.layers:
-        if layer.weights:
-            target.get_layer(layer.name).set_weights(layer.get_weights())
-
-
-def _sgd(nesterov=False):
-    return keras.optimizers.SGD(
-        learning_rate=LEARNING_RATE, momentum=MOMENTUM, nesterov=nesterov
-    )
-
-
-def _loss():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _reference_run(network_name, initial, method, nesterov=False):
-    params, bn_state = initial
-    return ref.train_steps(
-        NETWORKS[network_name],
-        params,
-        bn_state,
-        _random_batches(network_name, seed=0),
-        method,
-        GAMMAS,
-        LEARNING_RATE,
-        KERAS_MOMENTUM,
-        nesterov,
-    )[:2]
-
-
-def _max_relative_difference(actual, expected):
-    """Largest ``||a - e|| / ||e||`` over the weight arrays.
-
-    Arrays of norm below 1e-6 (e.g. conv biases feeding a BatchNorm, whose
-    gradient is zero) are skipped: their ratio is round-off noise.
-    """
-    ratios = [
-        np.linalg.norm(actual[layer][weight] - array) / np.linalg.norm(array)
-        for layer, weights in expected.items()
-        for weight, array in weights.items()
-        if np.linalg.norm(array) > 1e-6
-    ]
-    return max(ratios)
+    with float64_dtype():
+        yield
 
 
 def test_reference_layer_forwards_match_keras(float64_keras):
@@ -479,8 +292,8 @@ def test_reference_layer_forwards_match_keras(float64_keras):
     conv.build(images.shape)
     conv.bias.assign(rng.normal(size=3))
     np.testing.assert_allclose(
-        _to_numpy(conv(images)),
-        ref.conv2d_forward(images, _to_numpy(conv.kernel), _to_numpy(conv.bias)),
+        to_numpy(conv(images)),
+        ref.conv2d_forward(images, to_numpy(conv.kernel), to_numpy(conv.bias)),
         rtol=1e-12,
         atol=1e-12,
     )
@@ -491,33 +304,33 @@ def test_reference_layer_forwards_match_keras(float64_keras):
     bn.beta.assign(rng.normal(size=2))
     state = {"moving_mean": np.zeros(2), "moving_variance": np.ones(2)}
     expected, moments = ref.batch_norm_forward(
-        images, _to_numpy(bn.gamma), _to_numpy(bn.beta)
+        images, to_numpy(bn.gamma), to_numpy(bn.beta)
     )
     ref.update_moving_statistics(state, moments)
     np.testing.assert_allclose(
-        _to_numpy(bn(images, training=True)), expected, rtol=1e-10, atol=1e-12
+        to_numpy(bn(images, training=True)), expected, rtol=1e-10, atol=1e-12
     )
     np.testing.assert_allclose(
-        _to_numpy(bn.moving_mean), state["moving_mean"], rtol=1e-12
+        to_numpy(bn.moving_mean), state["moving_mean"], rtol=1e-12
     )
     np.testing.assert_allclose(
-        _to_numpy(bn.moving_variance), state["moving_variance"], rtol=1e-12
+        to_numpy(bn.moving_variance), state["moving_variance"], rtol=1e-12
     )
 
     pooled = ref.global_average_pool_forward(images)
     np.testing.assert_allclose(
-        _to_numpy(keras.layers.GlobalAveragePooling2D()(images)), pooled
+        to_numpy(keras.layers.GlobalAveragePooling2D()(images)), pooled
     )
 
     dense = keras.layers.Dense(3)
     dense.build(pooled.shape)
     dense.bias.assign(rng.normal(size=3))
-    logits = ref.dense_forward(pooled, _to_numpy(dense.kernel), _to_numpy(dense.bias))
-    np.testing.assert_allclose(_to_numpy(dense(pooled)), logits, rtol=1e-12)
+    logits = ref.dense_forward(pooled, to_numpy(dense.kernel), to_numpy(dense.bias))
+    np.testing.assert_allclose(to_numpy(dense(pooled)), logits, rtol=1e-12)
 
     labels = np.array([2, 0])
     np.testing.assert_allclose(
-        _to_numpy(_loss()(labels, logits)),
+        to_numpy(sparse_ce()(labels, logits)),
         ref.cross_entropy_loss(logits, labels),
         rtol=1e-12,
     )
@@ -529,14 +342,14 @@ def test_reference_sgd_matches_keras(float64_keras, nesterov):
     initial = rng.normal(size=(2, 3))
     gradients = [rng.normal(size=(2, 3)) for _ in range(3)]
     variable = keras.Variable(initial)
-    optimizer = _sgd(nesterov)
+    optimizer = sgd(nesterov)
     reference = ref.SGDMomentum(LEARNING_RATE, KERAS_MOMENTUM, nesterov)
     params = {"layer": {"w": initial}}
     for gradient in gradients:
         optimizer.apply([keras.ops.convert_to_tensor(gradient)], [variable])
         reference.apply(params, {"layer": {"w": gradient}})
     np.testing.assert_allclose(
-        _to_numpy(variable), params["layer"]["w"], rtol=1e-14, atol=1e-15
+        to_numpy(variable), params["layer"]["w"], rtol=1e-14, atol=1e-15
     )
 
 
@@ -544,17 +357,17 @@ def test_reference_sgd_matches_keras(float64_keras, nesterov):
 def test_reference_joint_matches_plain_keras(float64_keras, network_name):
     """A plain multi-output Keras model with ``loss_weights=GAMMAS`` is joint
     training; it validates the reference networks, BN statistics and SGD."""
-    inputs, outputs = _GRAPHS[network_name]()
+    inputs, outputs = GRAPHS[network_name]()
     model = keras.Model(inputs, outputs)
-    initial = _keras_state(model)
-    model.compile(optimizer=_sgd(), loss=[_loss()] * 3, loss_weights=list(GAMMAS))
-    for x, labels in _random_batches(network_name, seed=0):
+    initial = keras_state(model)
+    model.compile(optimizer=sgd(), loss=[sparse_ce()] * 3, loss_weights=list(GAMMAS))
+    for x, labels in random_batches(network_name, seed=0):
         model.train_on_batch(x, [labels] * 3)
 
-    expected_params, expected_bn = _reference_run(network_name, initial, "joint")
-    actual_params, actual_bn = _keras_state(model)
-    _assert_nested_close(actual_params, expected_params)
-    _assert_nested_close(actual_bn, expected_bn)
+    expected_params, expected_bn = reference_run(network_name, initial, "joint")
+    actual_params, actual_bn = keras_state(model)
+    assert_nested_close(actual_params, expected_params)
+    assert_nested_close(actual_bn, expected_bn)
 
 
 # --------------------------------------------------------------------------
@@ -562,37 +375,13 @@ def test_reference_joint_matches_plain_keras(float64_keras, network_name):
 # --------------------------------------------------------------------------
 
 
-def _multiway_model(network_name, method):
-    import keras_mwbp  # Imported here so the NumPy-only tests run without it.
-
-    inputs, outputs = _GRAPHS[network_name]()
-    return keras_mwbp.MultiWayModel(
-        inputs=inputs, outputs=outputs, method=method, head_weights=list(GAMMAS)
-    )
-
-
-@functools.cache
-def _multiway_run(network_name, method, nesterov=False, run_eagerly=False):
-    """Trains a MultiWayModel for NUM_STEPS steps; needs ``float64_keras``.
-
-    Returns:
-        Tuple ``(initial, trained)`` of ``(params, bn_state)`` pairs.
-    """
-    model = _multiway_model(network_name, method)
-    initial = _keras_state(model)
-    model.compile(optimizer=_sgd(nesterov), loss=_loss(), run_eagerly=run_eagerly)
-    for x, labels in _random_batches(network_name, seed=0):
-        model.train_on_batch(x, labels)
-    return initial, _keras_state(model)
-
-
 @pytest.mark.parametrize("method", ["mwbp", "joint", "standard"])
 @pytest.mark.parametrize("network_name", ["mlp", "convnet"])
 def test_multiway_model_matches_reference(float64_keras, network_name, method):
-    initial, (actual_params, actual_bn) = _multiway_run(network_name, method)
-    expected_params, expected_bn = _reference_run(network_name, initial, method)
-    _assert_nested_close(actual_params, expected_params)
-    _assert_nested_close(actual_bn, expected_bn)
+    initial, (actual_params, actual_bn) = multiway_run(network_name, method)
+    expected_params, expected_bn = reference_run(network_name, initial, method)
+    assert_nested_close(actual_params, expected_params)
+    assert_nested_close(actual_bn, expected_bn)
 
 
 @pytest.mark.parametrize("network_name", ["mlp", "convnet"])
@@ -602,26 +391,26 @@ def test_multiway_model_matches_reference_eagerly(float64_keras, network_name):
     Together with the compiled-step test above it separates an error in the
     algorithm from an error in the ordering of variable reads and writes.
     """
-    initial, (actual_params, actual_bn) = _multiway_run(
+    initial, (actual_params, actual_bn) = multiway_run(
         network_name, "mwbp", run_eagerly=True
     )
-    expected_params, expected_bn = _reference_run(network_name, initial, "mwbp")
-    _assert_nested_close(actual_params, expected_params)
-    _assert_nested_close(actual_bn, expected_bn)
+    expected_params, expected_bn = reference_run(network_name, initial, "mwbp")
+    assert_nested_close(actual_params, expected_params)
+    assert_nested_close(actual_bn, expected_bn)
 
 
 @pytest.mark.parametrize("network_name", ["mlp", "convnet"])
 def test_multiway_model_matches_reference_with_nesterov(
     float64_keras, network_name
 ):
-    initial, (actual_params, actual_bn) = _multiway_run(
+    initial, (actual_params, actual_bn) = multiway_run(
         network_name, "mwbp", nesterov=True
     )
-    expected_params, expected_bn = _reference_run(
+    expected_params, expected_bn = reference_run(
         network_name, initial, "mwbp", nesterov=True
     )
-    _assert_nested_close(actual_params, expected_params)
-    _assert_nested_close(actual_bn, expected_bn)
+    assert_nested_close(actual_params, expected_params)
+    assert_nested_close(actual_bn, expected_bn)
 
 
 @pytest.mark.parametrize("wrong_method", ["joint", "persistent_tape"])
@@ -630,30 +419,30 @@ def test_mwbp_differs_from_gradients_at_old_params(
     float64_keras, network_name, wrong_method
 ):
     """MW-BP's re-linearisation changes the result measurably."""
-    initial, (actual_params, _) = _multiway_run(network_name, "mwbp")
-    wrong_params, _ = _reference_run(network_name, initial, wrong_method)
-    assert _max_relative_difference(actual_params, wrong_params) > MIN_MWBP_EFFECT
+    initial, (actual_params, _) = multiway_run(network_name, "mwbp")
+    wrong_params, _ = reference_run(network_name, initial, wrong_method)
+    assert max_relative_difference(actual_params, wrong_params) > MIN_MWBP_EFFECT
 
 
 def test_single_head_standard_matches_plain_keras(float64_keras):
     import keras_mwbp  # Imported here so the NumPy-only tests run without it.
 
-    inputs, outputs = _convnet_graph()
+    inputs, outputs = convnet_graph()
     multiway = keras_mwbp.MultiWayModel(
         inputs=inputs, outputs=[outputs[-1]], method="standard", head_weights=[1.0]
     )
-    inputs, outputs = _convnet_graph()
+    inputs, outputs = convnet_graph()
     plain = keras.Model(inputs, outputs[-1])
-    _copy_weights(multiway, plain)
+    copy_weights(multiway, plain)
     for model in (multiway, plain):
-        model.compile(optimizer=_sgd(), loss=_loss())
-        for x, labels in _random_batches("convnet", seed=0):
+        model.compile(optimizer=sgd(), loss=sparse_ce())
+        for x, labels in random_batches("convnet", seed=0):
             model.train_on_batch(x, labels)
 
-    multiway_params, multiway_bn = _keras_state(multiway)
-    plain_params, plain_bn = _keras_state(plain)
-    _assert_nested_close(multiway_params, plain_params, rtol=1e-10, atol=1e-12)
-    _assert_nested_close(multiway_bn, plain_bn, rtol=1e-10, atol=1e-12)
+    multiway_params, multiway_bn = keras_state(multiway)
+    plain_params, plain_bn = keras_state(plain)
+    assert_nested_close(multiway_params, plain_params, rtol=1e-10, atol=1e-12)
+    assert_nested_close(multiway_bn, plain_bn, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture
@@ -680,13 +469,13 @@ def test_mwbp_float32_fused_batch_norm_matches_reference(float32_keras, monkeypa
         return original(layer, *args)
 
     monkeypatch.setattr(tf_backend, "_fused_batch_norm_vjp", spy)
-    model = _multiway_model("convnet", "mwbp")
-    initial = _keras_state(model)
-    model.compile(optimizer=_sgd(), loss=_loss())
-    for x, labels in _random_batches("convnet", seed=0):
+    model = multiway_model("convnet", "mwbp")
+    initial = keras_state(model)
+    model.compile(optimizer=sgd(), loss=sparse_ce())
+    for x, labels in random_batches("convnet", seed=0):
         model.train_on_batch(x.astype("float32"), labels)
-    actual_params, actual_bn = _keras_state(model)
-    expected_params, expected_bn = _reference_run("convnet", initial, "mwbp")
+    actual_params, actual_bn = keras_state(model)
+    expected_params, expected_bn = reference_run("convnet", initial, "mwbp")
     # Per trace, loss 1 re-linearizes bn1-bn3 (updated by loss 0) and loss 2
     # bn1-bn4.
     counts = collections.Counter(fused_calls)
@@ -694,5 +483,5 @@ def test_mwbp_float32_fused_batch_norm_matches_reference(float32_keras, monkeypa
     assert traces >= 1
     assert counts == {"bn1": 2 * traces, "bn2": 2 * traces, "bn3": 2 * traces,
                       "bn4": traces}
-    _assert_nested_close(actual_params, expected_params, rtol=1e-4, atol=1e-5)
-    _assert_nested_close(actual_bn, expected_bn, rtol=1e-4, atol=1e-5)
+    assert_nested_close(actual_params, expected_params, rtol=1e-4, atol=1e-5)
+    assert_nested_close(actual_bn, expected_bn, rtol=1e-4, atol=1e-5)

@@ -32,16 +32,23 @@ class TensorFlowStep:
         graph: The model's `HeadGraph`.
     """
 
-    def __init__(self, graph):
+    def __init__(self, graph, initial_state=None):
         self.graph = graph
         self.tape = None
         self.edges = {}
         self.calls = {}
         self.states = {}
-        self.new_state = {}
+        self.initial_state = dict(initial_state or {})
+        self.new_state = dict(self.initial_state)
         self.loss_inputs = []
 
-    def forward(self, model, x, training=True):
+    def fresh(self):
+        """A new step for another forward pass from this step's initial
+        state (same dropout masks), for naive MW-BP; its state is not
+        committed."""
+        return TensorFlowStep(self.graph, self.initial_state)
+
+    def forward(self, model, x, training=True, nodes=None):
         """Shared forward pass; call inside `with step.recording(...):`.
 
         Non-trainable state (BatchNorm statistics, dropout seeds) is read once
@@ -49,6 +56,13 @@ class TensorFlowStep:
         so that each node's state before its call is known exactly and a
         re-call replays it (same dropout mask). `commit_state()` writes the
         new state once.
+
+        Args:
+            model: The `MultiWayModel`.
+            x: Input batch.
+            training: Training mode of the layers.
+            nodes: Optional set of node indices to run (e.g. one loss's
+                ancestors); outputs not computed are `None`.
 
         Returns:
             The list of model outputs as seen by the losses.
@@ -59,6 +73,8 @@ class TensorFlowStep:
             for ref, value in zip(model.inputs, model._standardize_inputs(x))
         }
         for index, node in enumerate(self.graph.nodes):
+            if nodes is not None and index not in nodes:
+                continue
             edges = {id(t): self._edge(tensors[id(t)], id(t))
                      for t in node.input_tensors}
             args, kwargs = node.arguments.fill_in(edges)
@@ -80,13 +96,16 @@ class TensorFlowStep:
                     self.new_state[id(variable)] = (variable, new_value)
             for ref, value in zip(node.outputs, tf.nest.flatten(outputs)):
                 tensors[id(ref)] = value
-        self.loss_inputs = [self._edge(tensors[id(o)], id(o))
-                            for o in model.outputs]
+        self.loss_inputs = [
+            self._edge(tensors[id(o)], id(o)) if id(o) in tensors else None
+            for o in model.outputs
+        ]
         return self.loss_inputs
 
     def _state_value(self, variable):
         if id(variable) not in self.new_state:
-            self.new_state[id(variable)] = (variable, tf.identity(variable.value))
+            value = (variable, tf.identity(variable.value))
+            self.initial_state[id(variable)] = self.new_state[id(variable)] = value
         return self.new_state[id(variable)][1]
 
     def commit_state(self):
