@@ -896,3 +896,87 @@ def test_weight_regularizer_applies_in_every_update_touching_it(method, updates)
         before * (1 - 2 * l2 * lr) ** updates,
         rtol=1e-6,
     )
+
+
+# ------------------------------------------------- method options, nu
+
+
+@pytest.mark.parametrize("relay_span", [-1, 1.5, True, "1"])
+def test_bad_relay_span_is_rejected(relay_span):
+    inputs, outputs = mlp_graph()
+    with pytest.raises(ValueError, match=re.escape(
+            "`relay_span` must be a non-negative integer. "
+            f"Received: relay_span={relay_span!r}")):
+        MultiWayModel(inputs, outputs, method="relay", relay_span=relay_span)
+
+
+def test_unknown_weighting_is_rejected():
+    inputs, outputs = mlp_graph()
+    with pytest.raises(ValueError, match=re.escape(
+            "`weighting` must be one of ('paper', 'reference_code'). "
+            "Received: weighting='code'")):
+        MultiWayModel(inputs, outputs, weighting="code")
+
+
+@pytest.mark.parametrize("method", ["standard", "joint", "relay"])
+def test_reference_code_weighting_needs_a_per_loss_method(method):
+    inputs, outputs = mlp_graph()
+    with pytest.raises(ValueError, match=re.escape(
+            "`weighting='reference_code'` applies to the methods with one "
+            "update per loss")):
+        MultiWayModel(inputs, outputs, method=method, weighting="reference_code")
+
+
+@pytest.mark.parametrize(
+    "method", ["reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp"]
+)
+def test_per_loss_methods_need_two_outputs(method):
+    inputs = keras.Input((4,))
+    final = L.Dense(2)(inputs)
+    with pytest.raises(ValueError, match=re.escape(
+            f"for method={method!r}. Received: 1 output(s).")):
+        MultiWayModel(inputs, [final], method=method)
+
+
+def test_set_nu_recomputes_the_loss_weights_from_the_depths():
+    model = compiled_mlp("mwbp")
+    depths = model.head_depths  # (1, 2, 4): d1 -> h0, d2 -> h1, d3 -> final
+    model.set_nu(1.0)
+    assert model.nu == 1.0
+    assert model.head_weights == (depths[0] / depths[1], 1.0, 1.0)
+    model.set_nu(0.5)
+    assert model.head_weights == pytest.approx(
+        ((depths[0] / depths[1]) ** 0.5, 1.0, 1.0), rel=1e-12)
+    history = model.fit(*mlp_data(8), epochs=1, verbose=0).history
+    assert history["nu"] == [0.5]
+    assert history["gamma_0"] == pytest.approx([model.head_weights[0]])
+
+
+def test_set_nu_is_refused_with_explicit_head_weights():
+    inputs, outputs = mlp_graph()
+    model = MultiWayModel(inputs, outputs, head_weights=[0.2, 0.5, 1.0])
+    with pytest.raises(ValueError, match=re.escape(
+            "`nu` cannot change the loss weights of a model built with "
+            "explicit `head_weights`=[0.2, 0.5, 1.0]. Received: nu=1.0")):
+        model.set_nu(1.0)
+    with pytest.raises(ValueError, match="`nu` must be a finite positive"):
+        MultiWayModel(*mlp_graph()).set_nu(0)
+    assert model.head_weights == (0.2, 0.5, 1.0)
+
+
+def test_keras_file_keeps_method_options_and_changed_nu(tmp_path):
+    inputs, outputs = mlp_graph()
+    model = MultiWayModel(inputs, outputs, method="naive_reverse_mwbp",
+                          weighting="reference_code")
+    model.compile(optimizer=sgd(), loss=sparse_ce())
+    model.set_nu(0.5)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert (loaded.method, loaded.weighting) == ("naive_reverse_mwbp",
+                                                 "reference_code")
+    assert loaded.nu == 0.5
+    assert loaded.head_weights == model.head_weights
+    relay = MultiWayModel(*mlp_graph(), method="relay", relay_span=2)
+    relay.compile(optimizer=sgd(), loss=sparse_ce())
+    relay.save(tmp_path / "r.keras")
+    assert keras.saving.load_model(tmp_path / "r.keras").relay_span == 2
