@@ -38,8 +38,16 @@ class MultiWayModel(keras.Model):
       losses of the same step already updated (the layers they changed are
       re-linearized at their stored inputs; paper Eq. 10), and applied by
       that loss's own optimizer.
+    - `"reverse_mwbp"`: the same from the final loss to the shallowest.
+    - `"naive_mwbp"`, `"naive_reverse_mwbp"`: a new forward pass with the
+      current parameters before every loss after the first (same dropout
+      masks; BatchNorm batch statistics from the new features; moving
+      statistics only from the first pass), in either order.
     - `"joint"` (Joint BP): one gradient of `sum_i gamma_i * loss_i`, one
       optimizer.
+    - `"relay"` (Relay BP): as joint, but loss i's gradient reaches only the
+      segments `i - relay_span .. i` (segment s: the variables loss s is the
+      first to depend on).
     - `"standard"`: only the final loss; the auxiliary heads are not trained.
 
     Loss weights follow the paper's Eq. 5: `gamma_K = 1` for the final loss
@@ -48,12 +56,15 @@ class MultiWayModel(keras.Model):
     (convolutions, dense layers) on the longest path from the input to the
     tap, the head's own layers excluded. The depths are read from the graph
     unless `head_depths` is given; `head_weights` overrides the weights.
+    `nu` and the weights are non-trainable variables (saved with the model);
+    `set_nu()` changes them between steps without retracing.
 
-    Logs: `loss` is the method's training objective (`sum_i gamma_i loss_i`
-    for `"joint"` and `"mwbp"`, the final head's loss for `"standard"`) plus
-    weight regularization; `<output name>_loss` is each head's unweighted
-    loss, and every compiled metric is reported per head as
-    `<output name>_<metric name>`, as Keras names a multi-output model's.
+    Logs: `loss` is the method's training objective (`sum_i gamma_i loss_i`,
+    the final head's loss for `"standard"`) plus weight regularization;
+    `<output name>_loss` is each head's unweighted loss, and every compiled
+    metric is reported per head as `<output name>_<metric name>`, as Keras
+    names a multi-output model's. Training logs also hold `nu` and the loss
+    weights `gamma_0` .. `gamma_K`.
 
     Regularization: each variable's own regularizer (e.g. `kernel_regularizer`)
     is added, unweighted, to every update that touches the variable (so in
@@ -63,12 +74,19 @@ class MultiWayModel(keras.Model):
     Args:
         inputs: The model's input tensor(s), as for a functional model.
         outputs: List of head logits, shallowest first, final last.
-        method: One of `"mwbp"`, `"joint"`, `"standard"`.
+        method: One of `METHODS`: `"mwbp"`, `"reverse_mwbp"`, `"naive_mwbp"`,
+            `"naive_reverse_mwbp"`, `"joint"`, `"relay"`, `"standard"`.
         nu: Positive decay rate of Eq. 5.
         head_depths: Optional tap depth of each output (positive, strictly
             increasing); read from the graph when `None`.
         head_weights: Optional loss weight of each output, each in (0, 1];
             overrides `nu`.
+        relay_span: Relay BP's `c`: how many segments below its own loss i's
+            gradient reaches (non-negative int; default 1).
+        weighting: `"paper"` (loss i's gradient times gamma_i) or
+            `"reference_code"` (the authors' code, for the per-loss methods:
+            an auxiliary head's own gradient unscaled, its trunk gradient
+            times gamma_i / sum_{j=i}^{K-1} gamma_j).
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
