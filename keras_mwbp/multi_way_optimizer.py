@@ -38,7 +38,7 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
 
     >>> template = keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
     >>> opt = MultiWayOptimizer(template, num_losses=3)
-    >>> len(opt.optimizers)
+    >>> len(opt.loss_optimizers)
     3
     """
 
@@ -74,8 +74,13 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         self._groups = None
 
     @property
-    def optimizers(self):
-        """The inner optimizers, one per loss."""
+    def loss_optimizers(self):
+        """The inner optimizers, one per loss.
+
+        (Not named `optimizers`: Keras's learning-rate callbacks treat an
+        optimizer with that attribute as several independent ones; here they
+        set `learning_rate`, which sets every inner optimizer's rate.)
+        """
         return self._inner
 
     @property
@@ -169,7 +174,7 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     def __dir__(self):
         # The container saves its inner optimizers' variables itself; hide
         # them from Keras's attribute walk so that they are not saved twice.
-        hidden = {"_inner", "optimizers", "template"}
+        hidden = {"_inner", "loss_optimizers", "template"}
         return [name for name in super().__dir__() if name not in hidden]
 
     def get_config(self):

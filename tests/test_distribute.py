@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
         "mirrored": mirrored_history,
         "iterations": int(mirrored.optimizer.iterations.numpy()),
         "inner_iterations": [int(o.iterations.numpy())
-                             for o in mirrored.optimizer.optimizers],
+                             for o in mirrored.optimizer.loss_optimizers],
     }))
     """
 )

@@ -403,7 +403,7 @@ def test_keras_file_round_trip_keeps_model_and_optimizer_state(
     assert loaded.head_depths == model.head_depths
     assert loaded.output_names == list(HEADS)
     assert isinstance(loaded.optimizer, keras_mwbp.MultiWayOptimizer)
-    assert len(loaded.optimizer.optimizers) == len(model.optimizer.optimizers)
+    assert len(loaded.optimizer.loss_optimizers) == len(model.optimizer.loss_optimizers)
     assert_weights_equal(weights_by_path(loaded), weights_by_path(model))
     assert [tuple(v.shape) for v in loaded.optimizer.variables] == [
         tuple(v.shape) for v in model.optimizer.variables]
@@ -437,7 +437,7 @@ def test_save_weights_load_weights_restores_optimizer_state(tmp_path):
     fresh.load_weights(path)
     assert_weights_equal(weights_by_path(fresh), weights_by_path(model))
     assert int(fresh.optimizer.iterations) == 2
-    assert [int(o.iterations) for o in fresh.optimizer.optimizers] == [2] * 3
+    assert [int(o.iterations) for o in fresh.optimizer.loss_optimizers] == [2] * 3
     for a, b in zip(optimizer_values(fresh), optimizer_values(model)):
         np.testing.assert_array_equal(a, b)
     x, y = batches(1, seed=13)[0]
@@ -471,7 +471,7 @@ def test_model_checkpoint_saves_a_loadable_model(tmp_path):
     loaded = keras.saving.load_model(path)
     assert type(loaded) is MultiWayModel
     assert int(loaded.optimizer.iterations) == 4
-    assert [int(o.iterations) for o in loaded.optimizer.optimizers] == [4] * 3
+    assert [int(o.iterations) for o in loaded.optimizer.loss_optimizers] == [4] * 3
     assert_weights_equal(weights_by_path(loaded), weights_by_path(model))
     for a, b in zip(optimizer_values(loaded), optimizer_values(model)):
         np.testing.assert_array_equal(a, b)
@@ -491,7 +491,7 @@ class _RecordAtTrainBegin(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.iterations = int(self.model.optimizer.iterations)
         self.inner_iterations = [int(o.iterations)
-                                 for o in self.model.optimizer.optimizers]
+                                 for o in self.model.optimizer.loss_optimizers]
         self.weights = weights_by_path(self.model)
         self.optimizer_values = optimizer_values(self.model)
 

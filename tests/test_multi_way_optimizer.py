@@ -41,9 +41,9 @@ def test_container_clones_the_template_once_per_loss():
                                     nesterov=True)
     container = MultiWayOptimizer(template, num_losses=3)
     assert container.num_losses == 3
-    assert len(container.optimizers) == 3
-    assert len({id(o) for o in container.optimizers} | {id(template)}) == 4
-    for i, inner in enumerate(container.optimizers):
+    assert len(container.loss_optimizers) == 3
+    assert len({id(o) for o in container.loss_optimizers} | {id(template)}) == 4
+    for i, inner in enumerate(container.loss_optimizers):
         assert type(inner) is keras.optimizers.SGD
         assert inner.name == f"{template.name}_loss_{i}"
         assert float(to_numpy(inner.learning_rate)) == pytest.approx(0.05)
@@ -53,11 +53,11 @@ def test_container_clones_the_template_once_per_loss():
 
 def test_container_accepts_identifiers_and_unwraps_a_container():
     container = MultiWayOptimizer("adam", num_losses=2)
-    assert [type(o) for o in container.optimizers] == [keras.optimizers.Adam] * 2
+    assert [type(o) for o in container.loss_optimizers] == [keras.optimizers.Adam] * 2
     nested = MultiWayOptimizer(container, num_losses=4)
-    assert len(nested.optimizers) == 4
+    assert len(nested.loss_optimizers) == 4
     assert type(nested.template) is keras.optimizers.Adam
-    assert all(type(o) is keras.optimizers.Adam for o in nested.optimizers)
+    assert all(type(o) is keras.optimizers.Adam for o in nested.loss_optimizers)
 
 
 @pytest.mark.parametrize("num_losses", [0, -1, 2.0, True, "3", None])
@@ -91,11 +91,11 @@ def test_apply_loss_uses_only_that_losss_optimizer():
     container = MultiWayOptimizer(keras.optimizers.SGD(0.5), num_losses=2)
     container.set_variable_groups([[a], [a, b]])
     container.build([a, b])
-    assert [len(o.variables) for o in container.optimizers] == [2, 2]
+    assert [len(o.variables) for o in container.loss_optimizers] == [2, 2]
     container.apply_loss(1, [tf.ones((2,)), tf.ones((3,))], [a, b])
     np.testing.assert_array_equal(to_numpy(a), [0.5, 0.5])
     np.testing.assert_array_equal(to_numpy(b), [0.5, 0.5, 0.5])
-    assert [int(o.iterations) for o in container.optimizers] == [0, 1]
+    assert [int(o.iterations) for o in container.loss_optimizers] == [0, 1]
     # Applies do not count as steps; finish_step does.
     assert int(container.iterations) == 0
     container.finish_step()
@@ -105,7 +105,7 @@ def test_apply_loss_uses_only_that_losss_optimizer():
 def test_learning_rate_setter_sets_every_inner_optimizer():
     container = MultiWayOptimizer(keras.optimizers.SGD(0.1), num_losses=3)
     container.learning_rate = 0.025
-    for inner in container.optimizers:
+    for inner in container.loss_optimizers:
         assert float(to_numpy(inner.learning_rate)) == pytest.approx(0.025)
     assert float(to_numpy(container.learning_rate)) == pytest.approx(0.025)
 
@@ -117,8 +117,8 @@ def test_config_round_trip_keeps_the_template_and_number_of_losses():
     assert config["num_losses"] == 3 and config["name"] == "mw"
     restored = MultiWayOptimizer.from_config(config)
     assert restored.name == "mw"
-    assert len(restored.optimizers) == 3
-    for inner in restored.optimizers:
+    assert len(restored.loss_optimizers) == 3
+    for inner in restored.loss_optimizers:
         assert type(inner) is keras.optimizers.SGD
         assert inner.momentum == pytest.approx(0.7)
         assert float(to_numpy(inner.learning_rate)) == pytest.approx(0.3)
@@ -132,7 +132,7 @@ def test_config_round_trip_keeps_the_template_and_number_of_losses():
 def test_number_of_inner_optimizers_per_method(method, groups):
     model = compiled_mlp(method)
     assert isinstance(model.optimizer, MultiWayOptimizer)
-    assert len(model.optimizer.optimizers) == groups
+    assert len(model.optimizer.loss_optimizers) == groups
     assert model.optimizer.num_losses == groups
 
 
@@ -141,14 +141,14 @@ def test_inner_optimizers_hold_momentum_for_their_losss_variables():
     x, y = mlp_data(8)
     model.train_on_batch(x, y)
     graph_variables = model._head_graph.loss_variables
-    for inner, variables in zip(model.optimizer.optimizers, graph_variables):
+    for inner, variables in zip(model.optimizer.loss_optimizers, graph_variables):
         assert sorted(m.name for m in inner.momentums) == sorted(
             momentum_name(v) for v in variables)
         for v in variables:
             assert momentum_of(inner, v).shape == tuple(v.shape)
     # d1 is reached by all three losses, h0 only by loss 0, final only by 2.
     names = [[m.name for m in inner.momentums]
-             for inner in model.optimizer.optimizers]
+             for inner in model.optimizer.loss_optimizers]
     assert ["d1_kernel_momentum" in n for n in names] == [True] * 3
     assert ["h0_kernel_momentum" in n for n in names] == [True, False, False]
     assert ["final_kernel_momentum" in n for n in names] == [False, False, True]
@@ -159,7 +159,7 @@ def test_single_optimizer_methods_hold_momentum_for_what_they_update(method):
     model = compiled_mlp(method)
     x, y = mlp_data(8)
     model.train_on_batch(x, y)
-    (inner,) = model.optimizer.optimizers
+    (inner,) = model.optimizer.loss_optimizers
     expected = (model.trainable_variables if method == "joint"
                 else model._head_graph.loss_variables[-1])
     assert sorted(m.name for m in inner.momentums) == sorted(
@@ -190,7 +190,7 @@ def test_shared_kernel_has_one_momentum_buffer_per_loss():
     model.train_on_batch(x, y)
     assert int(model.optimizer.iterations) == 1
     kernel = model.get_layer("d1").kernel
-    buffers = [momentum_of(inner, kernel) for inner in model.optimizer.optimizers]
+    buffers = [momentum_of(inner, kernel) for inner in model.optimizer.loss_optimizers]
     for i in range(3):
         for j in range(i + 1, 3):
             assert np.max(np.abs(buffers[i] - buffers[j])) > 1e-6, (i, j)
@@ -219,7 +219,7 @@ def test_learning_rate_schedule_advances_once_per_step():
         boundaries=[2], values=[0.1, 0.01])
     model = compiled_mlp("mwbp", optimizer=keras.optimizers.SGD(schedule))
     x, y = mlp_data(8)
-    assert len(model.optimizer.optimizers) == 3
+    assert len(model.optimizer.loss_optimizers) == 3
     # The rate shown after `steps` steps is schedule(steps): 0.1 while
     # iterations <= 2, then 0.01 (step 3 itself still used schedule(2)).
     expected = {1: 0.1, 2: 0.1, 3: 0.01, 4: 0.01}
@@ -227,7 +227,7 @@ def test_learning_rate_schedule_advances_once_per_step():
         model.train_on_batch(x, y)
         assert int(model.optimizer.iterations) == steps
         rates = [float(to_numpy(model.optimizer.learning_rate))]
-        for inner in model.optimizer.optimizers:
+        for inner in model.optimizer.loss_optimizers:
             assert int(inner.iterations) == steps
             rates.append(float(to_numpy(inner.learning_rate)))
         assert rates == pytest.approx([expected[steps]] * 4, rel=1e-6), steps
@@ -262,16 +262,15 @@ def test_learning_rate_scheduler_callback_sets_every_inner_rate():
     history = model.fit(
         x, y, batch_size=8, epochs=2, verbose=0,
         callbacks=[keras.callbacks.LearningRateScheduler(schedule)])
-    # Keras's callback sets the rate of each of `optimizer.optimizers`.
-    assert seen == pytest.approx([0.1] * 3 + [0.05] * 3)
-    # ... and logs each inner optimizer's rate under its own name.
-    for inner in model.optimizer.optimizers:
-        assert history.history[f"learning_rate_{inner.name}"] == pytest.approx(
-            [0.05, 0.025])
-    for inner in model.optimizer.optimizers:
+    # Keras's callback calls the schedule once per epoch and sets the
+    # container's rate, which sets every inner optimizer's ...
+    assert seen == pytest.approx([0.1, 0.05])
+    # ... and logs one `learning_rate`.
+    assert history.history["learning_rate"] == pytest.approx([0.05, 0.025])
+    for inner in model.optimizer.loss_optimizers:
         assert float(to_numpy(inner.learning_rate)) == pytest.approx(0.025)
     assert int(model.optimizer.iterations) == 4
-    assert [int(o.iterations) for o in model.optimizer.optimizers] == [4] * 3
+    assert [int(o.iterations) for o in model.optimizer.loss_optimizers] == [4] * 3
 
 
 # ------------------------------------------------------------ saved state
@@ -282,7 +281,7 @@ def test_container_variables_are_its_step_counter_then_inner_states():
     model.train_on_batch(*mlp_data(8))
     variables = model.optimizer.variables
     assert variables[0] is model.optimizer.iterations
-    inner = [v for o in model.optimizer.optimizers for v in o.variables]
+    inner = [v for o in model.optimizer.loss_optimizers for v in o.variables]
     assert [id(v) for v in variables[1:]] == [id(v) for v in inner]
 
 
@@ -312,9 +311,9 @@ def test_container_is_built_once_training_built_its_inner_optimizers():
     model = compiled_mlp("mwbp")
     model.train_on_batch(*mlp_data(8))
     optimizer = model.optimizer
-    assert all(inner.built for inner in optimizer.optimizers)
+    assert all(inner.built for inner in optimizer.loss_optimizers)
     assert len(optimizer.variables) == 1 + sum(
-        len(inner.variables) for inner in optimizer.optimizers)
+        len(inner.variables) for inner in optimizer.loss_optimizers)
     # A trained optimizer is built, as a plain Keras optimizer is after its
     # first apply (checked before anything else could build it).
     assert optimizer.built

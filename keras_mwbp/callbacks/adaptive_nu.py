@@ -74,7 +74,7 @@ class AdaptiveNu(keras.callbacks.Callback):
 
     def __init__(self, mode, boundaries=None, verbose=0):
         super().__init__()
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(
                 f"`mode` must be 'I' or 'II'. Received: mode={mode!r}"
             )
@@ -89,6 +89,11 @@ class AdaptiveNu(keras.callbacks.Callback):
         self._reference_rate = None  # The rate when that epoch began.
         self._epoch = None
         self._pending = False
+
+    def set_model(self, model):
+        if model is not getattr(self, "_model", None):
+            self._last_epoch = None  # Nothing to go on from for this model.
+        super().set_model(model)
 
     def on_train_begin(self, logs=None):
         model = self.model
