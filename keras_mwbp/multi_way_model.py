@@ -339,16 +339,18 @@ class MultiWayModel(keras.Model):
             y_pred = step.forward(self, x, training=True)
             head_losses = self._head_loss_values(y, y_pred, sample_weight)
             gammas = self._gamma_tensors(head_losses[0].dtype)
+            weighted = [g * loss for g, loss in zip(gammas, head_losses)]
             objective = self._objective(head_losses, gammas)
             penalty = _regularization_penalty(self.trainable_variables)
         step.commit_state()  # BatchNorm statistics move once per step.
         total = objective + penalty  # Logged; computed before any update.
         if self.method in MULTIWAY_METHODS:
-            self._multiway_backward(step, head_losses, gammas, data, [total])
+            seeds = weighted if self.weighting == "paper" else head_losses
+            self._multiway_backward(step, seeds, gammas, data, [total])
         else:
             variables = self._update_groups[0]
             if self.method == "relay":
-                grads = self._relay_gradients(step, head_losses, gammas)
+                grads = self._relay_gradients(step, weighted)
             else:
                 grads = step.gradients(objective, variables)
             self._apply(0, grads, variables, after=[total])
@@ -359,8 +361,12 @@ class MultiWayModel(keras.Model):
             logs[f"gamma_{i}"] = self._gammas.value[i]
         return logs
 
-    def _multiway_backward(self, step, head_losses, gammas, data, after):
+    def _multiway_backward(self, step, seeds, gammas, data, after):
         """Paper Algorithm 1: one backward pass and update per loss.
+
+        `seeds[i]` is the loss whose gradient loss i's optimizer gets
+        (`gamma_i * loss_i`, or `loss_i` scaled per variable afterwards for
+        `weighting="reference_code"`).
 
         `mwbp` goes from the shallowest loss to the final one,
         `reverse_mwbp` the other way; each loss's gradient is taken at the
@@ -377,19 +383,18 @@ class MultiWayModel(keras.Model):
         for i in order:
             variables = graph.loss_variables[i]
             if not self.method.startswith("naive_"):
-                grads = step.multiway_gradients(i, head_losses[i], updated)
+                grads = step.multiway_gradients(i, seeds[i], updated)
             elif not updated:
-                grads = step.gradients(head_losses[i], variables)
+                grads = step.gradients(seeds[i], variables)
             else:
-                grads = self._fresh_gradients(step, i, data, variables)
-            grads = [
-                g * factor
-                for g, factor in zip(grads, self._scales(i, variables, gammas))
-            ]
+                grads = self._fresh_gradients(step, i, data, variables, gammas)
+            if self.weighting == "reference_code":
+                factors = self._reference_code_scales(i, variables, gammas)
+                grads = [g * factor for g, factor in zip(grads, factors)]
             self._apply(i, grads, variables, after=after)
             updated.update(id(v) for v in variables)
 
-    def _fresh_gradients(self, step, index, data, variables):
+    def _fresh_gradients(self, step, index, data, variables, gammas):
         """Naive MW-BP: loss `index` from a new forward pass (current
         parameters, the step's recorded state, no state committed)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -401,13 +406,15 @@ class MultiWayModel(keras.Model):
             loss = self._head_losses[index](
                 y, outputs[index], sample_weight=sample_weight
             )
+            if self.weighting == "paper":
+                loss = gammas[index] * loss
         return fresh.gradients(loss, variables)
 
-    def _relay_gradients(self, step, head_losses, gammas):
+    def _relay_gradients(self, step, weighted):
         """Relay BP: loss i's gradient reaches segments i - span .. i."""
         graph = self._head_graph
         totals = {}
-        for i, loss in enumerate(head_losses):
+        for i, loss in enumerate(weighted):
             reach = {
                 id(v)
                 for s in range(max(0, i - self.relay_span), i + 1)
@@ -415,22 +422,16 @@ class MultiWayModel(keras.Model):
             }
             variables = [v for v in graph.loss_variables[i] if id(v) in reach]
             for v, g in zip(variables, step.gradients(loss, variables)):
-                g = gammas[i] * g
                 totals[id(v)] = g + totals[id(v)] if id(v) in totals else g
         return [
             totals.get(id(v), keras.ops.zeros(v.shape, v.dtype))
             for v in self._update_groups[0]
         ]
 
-    def _scales(self, index, variables, gammas):
-        """The factor of loss `index`'s gradient for each variable.
-
-        `"paper"`: gamma_i everywhere. `"reference_code"` (the authors'
-        code): 1 on an auxiliary head's own variables, gamma_i divided by
-        the sum of gamma_j for j = i .. K-1 on the trunk, 1 for the final loss.
-        """
-        if self.weighting == "paper":
-            return [gammas[index]] * len(variables)
+    def _reference_code_scales(self, index, variables, gammas):
+        """The authors' code's factor of loss `index`'s gradient per variable:
+        1 on an auxiliary head's own variables, gamma_i divided by the sum of
+        gamma_j for j = i .. K-1 on the trunk, 1 for the final loss."""
         last = self.num_heads - 1
         if index == last:
             return [1.0] * len(variables)
