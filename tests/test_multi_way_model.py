@@ -170,7 +170,7 @@ class FixedMask(keras.layers.Layer):
         return x * self.mask
 
 
-def dropout_model(middle):
+def dropout_model(middle, method="mwbp"):
     """3 heads; `middle` sits between d1 and d2, both below the first tap."""
     inputs = keras.Input((6,))
     a1 = L.Dense(4, activation="relu", name="d1")(inputs)
@@ -179,7 +179,7 @@ def dropout_model(middle):
     a3 = L.Dense(4, activation="relu", name="d3")(a2)
     h1 = L.Dense(3, name="h1")(a3)
     final = L.Dense(3, name="final")(L.Dense(4, activation="relu", name="d4")(a3))
-    model = MultiWayModel(inputs, [h0, h1, final], method="mwbp")
+    model = MultiWayModel(inputs, [h0, h1, final], method=method)
     model.compile(optimizer=sgd(), loss=sparse_ce())
     return model
 
@@ -211,14 +211,21 @@ def test_dropout_seed_advances_as_for_one_forward_call():
                                   to_numpy(twice.seed_generator.state))
 
 
-def test_dropout_mask_is_the_same_in_every_loss_of_a_step():
+@pytest.mark.parametrize(
+    "method", ["mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp"]
+)
+def test_dropout_mask_is_the_same_in_every_loss_of_a_step(method):
+    """Re-linearized layers, and the naive methods' new forward passes,
+    replay the shared forward's dropout mask."""
     _, (mask, other_mask) = dropout_masks(2)
     assert set(np.unique(mask)) == {0.0, 2.0}
     assert not np.array_equal(mask, other_mask)
     keras.utils.set_random_seed(0)
-    dropout = dropout_model(L.Dropout(RATE, seed=DROPOUT_SEED, name="drop"))
-    fixed = dropout_model(FixedMask(mask, name="drop"))
-    wrong = dropout_model(FixedMask(other_mask, name="drop"))
+    dropout = dropout_model(
+        L.Dropout(RATE, seed=DROPOUT_SEED, name="drop"), method
+    )
+    fixed = dropout_model(FixedMask(mask, name="drop"), method)
+    wrong = dropout_model(FixedMask(other_mask, name="drop"), method)
     copy_weights(dropout, fixed)
     copy_weights(dropout, wrong)
     initial = weights_by_path(dropout)
