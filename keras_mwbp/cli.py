@@ -80,6 +80,19 @@ def build_parser():
         help="seed of the weights, the data split and the shuffling",
     )
     train.set_defaults(run=run_train)
+    export = commands.add_parser(
+        "export",
+        help="save one head's intermediate model as a plain Keras model",
+        description="Save intermediate model HEAD of a saved MultiWayModel "
+        "as a .keras file that loads without keras_mwbp.",
+    )
+    export.add_argument("model", help="a MultiWayModel saved as .keras")
+    export.add_argument(
+        "--head", type=int, required=True,
+        help="head index: 0 is the shallowest, -1 the final head",
+    )
+    export.add_argument("output", help="where to write the .keras file")
+    export.set_defaults(run=run_export)
     return parser
 
 
@@ -110,6 +123,23 @@ def run_train(args, parser):
     )
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs)
     print(format_table(head_table(model, x_test, y_test)))
+
+
+def run_export(args, parser):
+    """Saves intermediate model `args.head` of `args.model` to `args.output`."""
+    if not args.output.endswith(".keras"):
+        parser.error(f"OUTPUT must end in .keras, got {args.output}")
+    try:
+        model = keras.saving.load_model(args.model)
+        exit_model = model.exit_model(args.head)
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        parser.error(f"cannot export head {args.head} of {args.model}: {error}")
+    exit_model.save(args.output)
+    print(
+        f"head {args.head} ({model.output_names[args.head]}, depth "
+        f"{model.head_depths[args.head]}, {exit_model.count_params():,} "
+        f"parameters) -> {args.output}"
+    )
 
 
 def main(argv=None):

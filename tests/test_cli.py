@@ -3,9 +3,12 @@ import re
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
 
 import keras_mwbp
+from keras_mwbp import MultiWayModel
 from keras_mwbp.cli import main
 
 # ResNet-8 on 8x8x1 digits with 3 losses: heads after blocks 1 and 2. With
@@ -96,3 +99,47 @@ def test_help(argv, capsys, monkeypatch):
         for default in ["(default: 20)", "(default: 4)", "(default: 30)",
                         "after 50% and 75%"]:
             assert default in out
+
+
+def test_export_writes_a_plain_keras_model(tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4, activation="relu", name="d1")(inputs)
+    aux = keras.layers.Dense(3, name="aux")(hidden)
+    final = keras.layers.Dense(3, name="final")(
+        keras.layers.Dense(4, activation="relu", name="d2")(hidden)
+    )
+    model = MultiWayModel(inputs, [aux, final])
+    model.save(tmp_path / "full.keras")
+    out = tmp_path / "aux.keras"
+    assert main(["export", str(tmp_path / "full.keras"), "--head", "0",
+                 str(out)]) == 0
+    assert f"head 0 (aux, depth 1, 43 parameters) -> {out}" in (
+        capsys.readouterr().out)
+    exported = keras.saving.load_model(out)
+    assert not isinstance(exported, MultiWayModel)  # plain Keras
+    x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
+    np.testing.assert_array_equal(
+        exported.predict(x, verbose=0), model.predict(x, verbose=0)[0]
+    )
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--head", "5"], "cannot export head 5"),
+    (["--head", "0", "-", "x.h5"], "OUTPUT must end in .keras"),
+])
+def test_export_errors_are_usage_errors(tmp_path, argv, message, capsys):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,))
+    model = MultiWayModel(
+        inputs, [keras.layers.Dense(2)(inputs)], method="standard"
+    )
+    model.save(tmp_path / "m.keras")
+    if argv[-1] == "x.h5":
+        argv = argv[:2] + [str(tmp_path / "x.h5")]
+    else:
+        argv = argv + [str(tmp_path / "out.keras")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "m.keras")] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
