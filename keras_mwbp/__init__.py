@@ -5,6 +5,7 @@ good, with the exact update of Guo et al., "Multi-way backpropagation for
 training compact deep neural networks" (Neural Networks, 2020).
 """
 
+from keras_mwbp.attach import attach_heads
 from keras_mwbp.callbacks import AdaptiveNu
 from keras_mwbp.multi_way_model import METHODS
 from keras_mwbp.multi_way_model import MultiWayModel
@@ -19,6 +20,7 @@ __all__ = [
     "METHODS",
     "MultiWayModel",
     "MultiWayOptimizer",
+    "attach_heads",
     "gammas_from_depths",
     "place_heads",
 ]

@@ -1,7 +1,8 @@
 """Classifier heads to put on a trunk's feature maps.
 
-Each builder takes a 4D feature tensor `(batch, height, width, channels)` and
-returns logits. Its layers are named `"{name}_..."`; the last one, and so the
+Each builder takes a feature tensor, usually 4D `(batch, height, width,
+channels)` (rank 3 and 5 feature maps and rank 2 feature vectors work too),
+and returns logits. Its layers are named `"{name}_..."`; the last one, and so the
 model output, is `"{name}_dense"`.
 """
 
@@ -28,7 +29,8 @@ def bn_relu_pool_dense(x, num_classes, name):
     """The authors' auxiliary head "type A": BN -> ReLU -> avg pool -> dense.
 
     Args:
-        x: Feature tensor of shape `(batch, height, width, channels)`.
+        x: Feature tensor of shape `(batch, height, width, channels)` (or of
+            rank 2, 3 or 5, as for `pool_dense`).
         num_classes: Number of logits.
         name: Prefix of the layer names.
 
@@ -49,8 +51,13 @@ def bn_relu_pool_dense(x, num_classes, name):
 def pool_dense(x, num_classes, name):
     """Global average pooling -> dense (the ResNet classifier, "type C").
 
+    The pooling matches the rank of `x` (`GlobalAveragePooling1D` for rank 3,
+    `2D` for rank 4, `3D` for rank 5); a feature vector (rank 2) goes
+    straight to the dense layer.
+
     Args:
-        x: Feature tensor of shape `(batch, height, width, channels)`.
+        x: Feature tensor of shape `(batch, height, width, channels)` (or
+            `(batch, ..., channels)` of rank 2, 3 or 5).
         num_classes: Number of logits.
         name: Prefix of the layer names.
 
@@ -63,5 +70,17 @@ def pool_dense(x, num_classes, name):
     >>> keras.Model(x, pool_dense(x, 10, "final")).count_params()
     650
     """
-    x = layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
+    pooling = {
+        3: layers.GlobalAveragePooling1D,
+        4: layers.GlobalAveragePooling2D,
+        5: layers.GlobalAveragePooling3D,
+    }
+    rank = len(x.shape)
+    if rank in pooling:
+        x = pooling[rank](name=f"{name}_pool")(x)
+    elif rank != 2:
+        raise ValueError(
+            f"Head {name!r} needs a feature tensor of rank 2 to 5. "
+            f"Received: a tensor of shape {x.shape}"
+        )
     return layers.Dense(num_classes, name=f"{name}_dense")(x)
