@@ -192,3 +192,19 @@ def test_keras_hub_resnet_backbone():
     model = attach_heads(backbone, ["stack0_block0_out", "stack1_block0_out"],
                          NUM_CLASSES)
     check_trains(model, (32, 32, 3), 2)
+
+
+def test_keras_cv_resnet_backbone():
+    keras_cv = pytest.importorskip("keras_cv")
+    backbone = keras_cv.models.ResNetBackbone(
+        stackwise_filters=[16, 32, 32],
+        stackwise_blocks=[1, 1, 1],
+        stackwise_strides=[1, 2, 2],
+        include_rescaling=False,
+        input_shape=(32, 32, 3),
+    )
+    model = attach_heads(
+        backbone, ["v2_stack_0_block1_out", "v2_stack_1_block1_out"],
+        NUM_CLASSES,
+    )
+    check_trains(model, (32, 32, 3), 2)
