@@ -10,12 +10,17 @@ import math
 
 import keras
 
+from keras_mwbp.data import DATASETS
+from keras_mwbp.data import load
 from keras_mwbp.data import load_digits
 from keras_mwbp.models import CIFAR_RESNET_PRESETS
 from keras_mwbp.models import cifar_resnet
 from keras_mwbp.multi_way_model import METHODS
 from keras_mwbp.report import format_table
 from keras_mwbp.report import head_table
+from keras_mwbp.report import report
+from keras_mwbp.report import to_csv
+from keras_mwbp.report import to_json
 
 # Fractions of the run after which the learning rate is divided by 10.
 LR_DROPS = (0.5, 0.75)
@@ -93,6 +98,22 @@ def build_parser():
     )
     export.add_argument("output", help="where to write the .keras file")
     export.set_defaults(run=run_export)
+    report = commands.add_parser(
+        "report",
+        help="print every intermediate model's depth, size, cost and error",
+        description="Print the model-selection table of a saved "
+        "MultiWayModel on a data set's test split; optionally write it as "
+        "CSV or JSON.",
+    )
+    report.add_argument("model", help="a MultiWayModel saved as .keras")
+    report.add_argument(
+        "--dataset", choices=DATASETS, default="digits",
+        help="test data (tensorflow-datasets names need a local copy)",
+    )
+    report.add_argument("--data-dir", help="tensorflow-datasets directory")
+    report.add_argument("--csv", help="also write the table to this CSV file")
+    report.add_argument("--json", help="also write the table to this JSON file")
+    report.set_defaults(run=run_report)
     return parser
 
 
@@ -140,6 +161,21 @@ def run_export(args, parser):
         f"{model.head_depths[args.head]}, {exit_model.count_params():,} "
         f"parameters) -> {args.output}"
     )
+
+
+def run_report(args, parser):
+    """Prints (and writes) the per-head report of `args.model`."""
+    try:
+        model = keras.saving.load_model(args.model)
+        _, test, _ = load(args.dataset, data_dir=args.data_dir, augment=False)
+    except (OSError, ValueError, ImportError) as error:
+        parser.error(str(error))
+    rows = report(model, test)
+    print(format_table(rows))
+    if args.csv:
+        to_csv(rows, args.csv)
+    if args.json:
+        to_json(rows, args.json)
 
 
 def main(argv=None):

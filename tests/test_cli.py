@@ -143,3 +143,49 @@ def test_export_errors_are_usage_errors(tmp_path, argv, message, capsys):
         main(["export", str(tmp_path / "m.keras")] + argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_report_prints_and_writes_the_table(tmp_path, capsys):
+    import csv
+    import json
+
+    from keras_mwbp.data import load_digits
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    aux = keras.layers.Dense(10, name="aux")(
+        keras.layers.GlobalAveragePooling2D()(x))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    final = keras.layers.Dense(10, name="final")(
+        keras.layers.GlobalAveragePooling2D()(x))
+    model = MultiWayModel(inputs, [aux, final])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    model.save(tmp_path / "m.keras")
+    _, (x_test, y_test) = load_digits()
+    errors = [
+        1 - np.mean(np.argmax(logits, -1) == y_test)
+        for logits in model.predict(x_test, verbose=0)
+    ]
+    assert main(["report", str(tmp_path / "m.keras"), "--dataset", "digits",
+                 "--csv", str(tmp_path / "r.csv"),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "aux" in out and "final" in out
+    with open(tmp_path / "r.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["output"] for row in rows] == ["aux", "final"]
+    # Conv 8*8*9*1*4 = 2304 (+ Dense 4*10 = 40) for aux; + 8*8*9*4*4 = 9216.
+    assert [int(row["multiply_adds"]) for row in rows] == [2344, 11560]
+    with open(tmp_path / "r.json") as f:
+        rows = json.load(f)
+    for row, error in zip(rows, errors):
+        assert row["top1_error"] == pytest.approx(error, abs=1e-9)
+
+
+def test_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "none.keras")])
+    assert exit_info.value.code == 2
+    assert "none.keras" in capsys.readouterr().err
