@@ -7,23 +7,62 @@ the depth, size and test accuracy of its intermediate model.
 
 import argparse
 import math
+import os
+import re
 
 import keras
 
 from keras_mwbp.data import DATASETS
 from keras_mwbp.data import load
-from keras_mwbp.data import load_digits
+from keras_mwbp.callbacks import AdaptiveNu
+from keras_mwbp.callbacks import TensorBoard
 from keras_mwbp.models import CIFAR_RESNET_PRESETS
+from keras_mwbp.models import cifar_mobilenet_v2
 from keras_mwbp.models import cifar_resnet
+from keras_mwbp.models import densenet_bc
+from keras_mwbp.models import preact_resnet
+from keras_mwbp.models import resnext29
+from keras_mwbp.models import wide_resnet
 from keras_mwbp.multi_way_model import METHODS
+from keras_mwbp.report import HEAD_COLUMNS
 from keras_mwbp.report import format_table
-from keras_mwbp.report import head_table
+from keras_mwbp.report import plot_history
 from keras_mwbp.report import report
 from keras_mwbp.report import to_csv
 from keras_mwbp.report import to_json
 
-# Fractions of the run after which the learning rate is divided by 10.
-LR_DROPS = (0.5, 0.75)
+# Fractions of the run after which the learning rate is divided by 10 (the
+# paper's CIFAR recipe).
+LR_DROPS = (0.4, 0.6)
+# `--model` names: a pattern and the builder of its match's groups.
+MODELS = (
+    (r"resnet(\d+)", lambda d: (cifar_resnet, {"depth": int(d)})),
+    (r"preact_resnet(\d+)", lambda d: (preact_resnet, {"depth": int(d)})),
+    (r"wrn(\d+)-(\d+)", lambda d, k: (
+        wide_resnet, {"depth": int(d), "widen_factor": int(k)})),
+    (r"resnext29", lambda: (resnext29, {})),
+    (r"densenet_bc(\d+)", lambda d: (densenet_bc, {"depth": int(d)})),
+    (r"mobilenet_v2", lambda: (cifar_mobilenet_v2, {})),
+)
+
+
+def model_builder(name):
+    """`(builder, kwargs)` of a `--model` name such as `resnet56`."""
+    for pattern, make in MODELS:
+        match = re.fullmatch(pattern, name)
+        if match:
+            return make(*match.groups())
+    raise argparse.ArgumentTypeError(
+        f"unknown model {name!r}; use resnet<depth>, preact_resnet<depth>, "
+        "wrn<depth>-<width>, resnext29, densenet_bc<depth> or mobilenet_v2"
+    )
+
+
+def nu_value(text):
+    """`--nu`: a positive number, `adaptive-I` or `adaptive-II`."""
+    if text in ("adaptive-I", "adaptive-II"):
+        return text
+    return positive(float)(text)
 
 
 def positive(type_):
@@ -48,22 +87,36 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
-        help="train a ResNet with auxiliary heads on the 8x8 digits",
-        description="Train a CIFAR-style ResNet with auxiliary heads on "
-        "scikit-learn's 8x8 digits and print each head's test accuracy.",
+        help="train a network with auxiliary heads (default: ResNet-20 on "
+        "the bundled 8x8 digits)",
+        description="Train a network of the zoo with auxiliary heads and "
+        "print each head's test accuracy. The recipe is the paper's: SGD "
+        "with Nesterov momentum 0.9, weight decay 1e-4, learning rate "
+        "divided by 10 after 40%% and 60%% of the epochs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train.add_argument(
         "--method", choices=METHODS, default="mwbp", help="training method"
     )
     train.add_argument(
-        "--nu", type=positive(float), default=2.0,
-        help="decay rate of the auxiliary loss weights",
+        "--nu", type=nu_value, default=2.0,
+        help="decay rate of the auxiliary loss weights, or adaptive-I / "
+        "adaptive-II (changed at each learning-rate drop)",
     )
     train.add_argument(
         "--depth", type=int, choices=sorted(CIFAR_RESNET_PRESETS), default=20,
-        help="weight layers of the ResNet (6n+2)",
+        help="weight layers of the ResNet (6n+2), unless --model is given",
     )
+    train.add_argument(
+        "--model", type=model_builder, default=None,
+        help="network of the zoo, e.g. resnet56, preact_resnet110, wrn28-10, "
+        "resnext29, densenet_bc100, mobilenet_v2 (default: resnet<--depth>)",
+    )
+    train.add_argument(
+        "--dataset", choices=DATASETS, default="digits",
+        help="data set (tensorflow-datasets names need a local copy)",
+    )
+    train.add_argument("--data-dir", help="tensorflow-datasets directory")
     train.add_argument(
         "--losses", type=positive(int), default=4,
         help="number of heads, final included",
@@ -81,8 +134,17 @@ def build_parser():
         + " of the epochs",
     )
     train.add_argument(
+        "--weight-decay", type=float, default=1e-4,
+        help="decoupled weight decay of SGD",
+    )
+    train.add_argument(
         "--seed", type=int, default=0,
         help="seed of the weights, the data split and the shuffling",
+    )
+    train.add_argument(
+        "--output-dir",
+        help="write the model (checkpoint each epoch), TensorBoard logs, the "
+        "report (CSV, JSON) and a plot of every head's error here",
     )
     train.set_defaults(run=run_train)
     export = commands.add_parser(
@@ -118,32 +180,57 @@ def build_parser():
 
 
 def run_train(args, parser):
-    """Trains on the digits as `args` say and prints the per-head table."""
+    """Trains as `args` say and prints the per-head table."""
     keras.utils.set_random_seed(args.seed)
-    (x_train, y_train), (x_test, y_test) = load_digits(seed=args.seed)
     try:
-        model = cifar_resnet(
-            args.depth,
-            num_classes=10,
-            num_losses=args.losses,
-            input_shape=x_train.shape[1:],
-            method=args.method,
-            nu=args.nu,
+        train, test, info = load(
+            args.dataset, batch_size=args.batch_size, data_dir=args.data_dir,
+            seed=args.seed,
         )
-    except ValueError as error:
+        builder, kwargs = args.model or (cifar_resnet, {"depth": args.depth})
+        adaptive = isinstance(args.nu, str)
+        model = builder(
+            **kwargs,
+            num_classes=info["num_classes"],
+            num_losses=args.losses,
+            input_shape=info["input_shape"],
+            method=args.method,
+            nu=2.0 if adaptive else args.nu,
+        )
+    except (ValueError, ImportError, FileNotFoundError) as error:
         parser.error(str(error))
-    steps = args.epochs * math.ceil(len(x_train) / args.batch_size)
+    steps = args.epochs * math.ceil(info["num_train"] / args.batch_size)
     learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
         boundaries=[round(steps * fraction) for fraction in LR_DROPS],
         values=[args.lr / 10**k for k in range(len(LR_DROPS) + 1)],
     )
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+        optimizer=keras.optimizers.SGD(
+            learning_rate, momentum=0.9, nesterov=True,
+            weight_decay=args.weight_decay or None,
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs)
-    print(format_table(head_table(model, x_test, y_test)))
+    callbacks = []
+    if adaptive:  # nu changes when the learning rate drops.
+        callbacks.append(AdaptiveNu(args.nu.split("-")[1]))
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        callbacks += [
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(args.output_dir, "model.keras")),
+            TensorBoard(os.path.join(args.output_dir, "logs")),
+        ]
+    history = model.fit(
+        train, epochs=args.epochs, validation_data=test, callbacks=callbacks
+    )
+    rows = report(model, test)
+    print(format_table(rows, HEAD_COLUMNS))
+    if args.output_dir:
+        to_csv(rows, os.path.join(args.output_dir, "report.csv"))
+        to_json(rows, os.path.join(args.output_dir, "report.json"))
+        plot_history(history, os.path.join(args.output_dir, "heads.png"))
 
 
 def run_export(args, parser):

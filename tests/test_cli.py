@@ -97,7 +97,7 @@ def test_help(argv, capsys, monkeypatch):
     if argv[0] == "train":
         # The defaults of the README's run: ResNet-20, 4 heads, 30 epochs.
         for default in ["(default: 20)", "(default: 4)", "(default: 30)",
-                        "after 50% and 75%"]:
+                        "after 40% and 60%"]:
             assert default in out
 
 
@@ -189,3 +189,40 @@ def test_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
         main(["report", str(tmp_path / "none.keras")])
     assert exit_info.value.code == 2
     assert "none.keras" in capsys.readouterr().err
+
+
+def test_train_writes_checkpoint_logs_and_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "preact_resnet8", "--losses", "2",
+                 "--epochs", "2", "--batch-size", "256", "--nu", "adaptive-II",
+                 "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "heads.png", "logs", "model.keras", "report.csv", "report.json"]
+    loaded = keras.saving.load_model(out / "model.keras")
+    assert int(loaded.optimizer.iterations) == 2 * 6  # 1347 / 256 -> 6 steps
+    # Adaptive-II starts at 2. The rate drops after 40% of the 12 steps (step
+    # 5, in epoch 0), seen at the start of epoch 1: nu halves once.
+    assert loaded.nu == 1.0
+    assert (out / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    rows = table_rows(capsys.readouterr().out)
+    assert [cells[1] for cells, _ in rows] == ["head_0_dense", "final_dense"]
+
+
+def test_train_on_mnist1d_signals(capsys):
+    assert main(["train", "--dataset", "mnist1d", "--depth", "8",
+                 "--losses", "2", "--epochs", "1", "--batch-size", "512"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [cells[2] for cells, _ in rows] == ["5", "8"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vgg16"], "unknown model 'vgg16'"),
+    (["--nu", "adaptive-III"], "invalid nu_value value"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/tfds"], "cifar10"),
+])
+def test_train_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
