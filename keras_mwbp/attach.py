@@ -7,6 +7,7 @@ import keras
 from keras_mwbp import heads as head_builders
 from keras_mwbp.graph import _tensor_weight_depths
 from keras_mwbp.graph import ordered_nodes
+from keras_mwbp.graph import upstream_tensors
 from keras_mwbp.multi_way_model import MultiWayModel
 from keras_mwbp.placement import _functional
 from keras_mwbp.placement import place_heads
@@ -190,7 +191,7 @@ def _check_taps(backbone, taps, num_losses):
         for x in node.outputs:
             position[id(x)] = index
     output = backbone.outputs[0]
-    below_output = _ancestors(output)
+    below_output = set(upstream_tensors(output))
     depth_of = _tensor_weight_depths(backbone)
     depths = []
     for name in taps:
@@ -224,20 +225,3 @@ def _check_taps(backbone, taps, num_losses):
                 f"Received: taps={taps!r}"
             )
     return taps
-
-
-def _ancestors(tensor):
-    """`id`s of the tensors that `tensor` is computed from, itself included."""
-    seen, stack = set(), [tensor]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        history = getattr(x, "_keras_history", None)
-        if history is None:
-            continue
-        node = history.operation._inbound_nodes[history.node_index]
-        if not node.is_input:
-            stack.extend(node.input_tensors)
-    return seen

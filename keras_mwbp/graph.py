@@ -35,23 +35,40 @@ def check_outputs_depend_on_inputs(inputs, outputs):
             )
 
 
-def _leaf_tensors(tensor):
-    """Input tensors (tensors made by no operation) behind `tensor`."""
-    leaves, seen, stack = [], set(), [tensor]
+def upstream_tensors(tensor):
+    """Every symbolic tensor `tensor` is computed from, itself included.
+
+    Returns:
+        A dict from `id()` to tensor; input tensors (made by no operation)
+        are those whose `producing_node(tensor)` is `None`.
+    """
+    found, stack = {}, [tensor]
     while stack:
         x = stack.pop()
-        if id(x) in seen:
+        if id(x) in found:
             continue
-        seen.add(id(x))
-        history = getattr(x, "_keras_history", None)
-        node = None
-        if history is not None:
-            node = history.operation._inbound_nodes[history.node_index]
-        if node is None or node.is_input:
-            leaves.append(x)
-        else:
+        found[id(x)] = x
+        node = producing_node(x)
+        if node is not None:
             stack.extend(node.input_tensors)
-    return leaves
+    return found
+
+
+def producing_node(tensor):
+    """The non-input node that computed `tensor`, or `None`."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    node = history.operation._inbound_nodes[history.node_index]
+    return None if node.is_input else node
+
+
+def _leaf_tensors(tensor):
+    """Input tensors (tensors made by no operation) behind `tensor`."""
+    return [
+        x for x in upstream_tensors(tensor).values()
+        if producing_node(x) is None
+    ]
 
 
 def is_weight_layer(operation):

@@ -340,7 +340,7 @@ class MultiWayModel(keras.Model):
             head_losses = self._head_loss_values(y, y_pred, sample_weight)
             gammas = self._gamma_tensors(head_losses[0].dtype)
             weighted = [g * loss for g, loss in zip(gammas, head_losses)]
-            objective = self._objective(head_losses, gammas)
+            objective = self._objective(head_losses, weighted)
             penalty = _regularization_penalty(self.trainable_variables)
         step.commit_state()  # BatchNorm statistics move once per step.
         total = objective + penalty  # Logged; computed before any update.
@@ -449,17 +449,18 @@ class MultiWayModel(keras.Model):
         y_pred = keras.tree.flatten(self(x, training=False))
         head_losses = self._head_loss_values(y, y_pred, sample_weight)
         gammas = self._gamma_tensors(head_losses[0].dtype)
-        total = self._objective(head_losses, gammas) + _regularization_penalty(
+        weighted = [g * loss for g, loss in zip(gammas, head_losses)]
+        total = self._objective(head_losses, weighted) + _regularization_penalty(
             self.trainable_variables
         )
         return self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
 
-    def _objective(self, head_losses, gammas):
+    def _objective(self, head_losses, weighted):
         """The method's training objective (what `loss` logs, less
-        regularization)."""
+        regularization), from the losses and the gamma-weighted losses."""
         if self.method == "standard":
             return head_losses[-1]
-        return sum(g * loss for g, loss in zip(gammas, head_losses))
+        return sum(weighted)
 
     def _apply(self, index, grads, variables, after=()):
         """Adds the variables' regularizer gradients, applies optimizer i once

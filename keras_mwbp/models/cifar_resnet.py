@@ -29,14 +29,16 @@ CIFAR_RESNET_PRESETS = {
 STAGE_FILTERS = (16, 32, 64)
 
 
-def apply_conv(x, filters, kernel_size, strides, name):
-    """Bias-free "same" convolution, as in every ResNet layer before a BN."""
+def apply_conv(x, filters, kernel_size, strides, name, groups=1):
+    """Bias-free "same" convolution with He-normal initialization, as in
+    every layer of the zoo's networks before a BN."""
     return layers.Conv2D(
         filters,
         kernel_size,
         strides=strides,
         padding="same",
         use_bias=False,
+        groups=groups,
         kernel_initializer="he_normal",
         name=name,
     )(x)

@@ -9,6 +9,7 @@ from keras import layers
 
 from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
+from keras_mwbp.models.cifar_resnet import apply_conv  # noqa: F401 (re-export)
 from keras_mwbp.models.cifar_resnet import check_taps
 from keras_mwbp.models.cifar_resnet import official_taps
 from keras_mwbp.multi_way_model import MultiWayModel
@@ -50,20 +51,6 @@ def check_heads(num_losses, taps, num_blocks, network):
         taps = official_taps(num_blocks, num_losses)
     check_taps(taps, num_blocks, num_losses)
     return list(taps)
-
-
-def apply_conv(x, filters, kernel_size, strides, name, groups=1):
-    """Bias-free "same" convolution with He-normal initialization."""
-    return layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        padding="same",
-        use_bias=False,
-        groups=groups,
-        kernel_initializer="he_normal",
-        name=name,
-    )(x)
 
 
 def apply_bn_relu(x, name):
