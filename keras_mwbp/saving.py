@@ -1,0 +1,77 @@
+"""Atomic file writes: a crash while writing leaves the previous file intact.
+
+Keras writes `.keras` and `.weights.h5` files in place, so a process killed
+half way through a save leaves a truncated file where the last good
+checkpoint was. `atomic_path` hands out a temporary name in the same folder
+and renames it over the target only once the file is complete and flushed to
+disk (`os.replace` is atomic on POSIX and Windows within one file system).
+"""
+
+import contextlib
+import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path to write; it replaces `path` on success.
+
+    The temporary file lies beside `path` (same folder, same suffix, so
+    Keras accepts it as a `.keras` or `.weights.h5` name). If the body raises
+    or the process dies, `path` keeps its previous content and the temporary
+    file is removed (or, after a hard kill, left behind under a name starting
+    with `.tmp-`).
+
+    Args:
+        path: The file to (re)write.
+
+    Example:
+
+    ```python
+    with atomic_path("model.keras") as tmp:
+        model.save(tmp)
+    ```
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    suffix = ".keras" if name.endswith(".keras") else ""
+    if name.endswith(".weights.h5"):
+        suffix = ".weights.h5"
+    elif not suffix:
+        suffix = os.path.splitext(name)[1]
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".tmp-{name}-", suffix=suffix,
+                                   dir=folder)
+    os.close(handle)
+    os.remove(tmp)  # Writers such as h5py want to create the file.
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync_folder(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    """Writes `text` to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _fsync(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder):
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
