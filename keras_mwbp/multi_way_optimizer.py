@@ -24,8 +24,9 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
       `ReduceLROnPlateau` do).
     - `variables` holds the container's own step counter followed by every
       inner optimizer's variables. Loading a state whose number or shapes of
-      variables differ raises a `ValueError` instead of training on with fresh
-      optimizer states.
+      variables differ, or a file with no state for it at all, raises a
+      `ValueError` instead of training on with fresh optimizer states (Keras's
+      own optimizers only warn).
 
     Args:
         optimizer: The template: a `keras.optimizers.Optimizer` instance,
@@ -152,6 +153,19 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
             # Loading weights into a compiled model that has not trained yet.
             self.build(list(self._model_variables))
         variables = self.variables
+        if not len(store.keys()):
+            # Keras hands an empty store for a group missing from the file
+            # (its own optimizers then warn and keep their fresh state). A
+            # saved container always has at least its step counter.
+            raise ValueError(
+                f"The file has no saved state for optimizer '{self.name}': "
+                f"expected {len(variables)} variables (its step counter and "
+                f"the states of {self.num_losses} inner optimizers), found "
+                "none. The file is incomplete or was saved without an "
+                "optimizer; refusing to train on with fresh optimizer "
+                "states. To load only the weights, load them into the model "
+                "before `compile()` (or `load_model(..., compile=False)`)."
+            )
         if len(store.keys()) != len(variables):
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' has "

@@ -75,3 +75,49 @@ def _fsync_folder(folder):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_model(model, filepath, overwrite=True, **kwargs):
+    """Saves `model` like `keras.saving.save_model`, atomically.
+
+    The model is written to a temporary file beside `filepath` (see
+    `atomic_path`) and renamed over it once complete, so a crash or an error
+    during the save leaves the previous file at `filepath` as it was. Remote
+    paths (`gs://...`, `hf://...`), file objects and `zipped=False`
+    directories cannot be renamed into place; they are saved by Keras as they
+    are (not atomically).
+
+    Args:
+        model: A Keras model.
+        filepath: Where to save it, a `.keras` file (or a legacy `.h5` file).
+        overwrite: Whether to replace an existing file without asking
+            (`False` asks, as Keras does).
+        **kwargs: Other `keras.saving.save_model` arguments.
+
+    Example:
+
+    ```python
+    keras_mwbp.saving.save_model(model, "model.keras")
+    model = keras.saving.load_model("model.keras")
+    ```
+    """
+    import keras
+    from keras.src.utils import file_utils
+    from keras.src.utils import io_utils
+
+    if (
+        not isinstance(filepath, (str, os.PathLike))
+        or file_utils.is_remote_path(filepath)
+        or str(filepath).startswith("hf://")
+        or kwargs.get("zipped") is False
+    ):
+        keras.saving.save_model(model, filepath, overwrite=overwrite, **kwargs)
+        return
+    if (
+        not overwrite
+        and os.path.exists(filepath)
+        and not io_utils.ask_to_proceed_with_overwrite(str(filepath))
+    ):
+        return
+    with atomic_path(filepath) as tmp:
+        keras.saving.save_model(model, tmp, overwrite=True, **kwargs)

@@ -307,6 +307,21 @@ def test_load_own_variables_rejects_a_state_of_the_wrong_length():
         np.testing.assert_array_equal(to_numpy(variable), value)
 
 
+def test_load_own_variables_rejects_a_missing_state():
+    # Keras passes an empty store when the file has no group for the
+    # optimizer; its own optimizers then only warn and keep a fresh state.
+    model = compiled_mlp("mwbp")
+    model.train_on_batch(*mlp_data(8))
+    optimizer = model.optimizer
+    count = len(optimizer.variables)
+    with pytest.raises(ValueError, match=re.escape(
+            f"The file has no saved state for optimizer '{optimizer.name}': "
+            f"expected {count} variables (its step counter and the states of "
+            "3 inner optimizers), found none.")):
+        optimizer.load_own_variables({})
+    assert int(optimizer.iterations) == 1
+
+
 def test_container_is_built_once_training_built_its_inner_optimizers():
     model = compiled_mlp("mwbp")
     model.train_on_batch(*mlp_data(8))
