@@ -5,10 +5,14 @@ import numbers
 import keras
 
 from keras_mwbp import heads as head_builders
+from keras_mwbp import weighting as loss_weights
 from keras_mwbp.graph import _tensor_weight_depths
 from keras_mwbp.graph import ordered_nodes
 from keras_mwbp.graph import upstream_tensors
+from keras_mwbp.multi_way_model import METHODS
 from keras_mwbp.multi_way_model import MultiWayModel
+from keras_mwbp.multi_way_model import _check_relay_span
+from keras_mwbp.multi_way_model import _check_weighting
 from keras_mwbp.placement import _functional
 from keras_mwbp.placement import place_heads
 
@@ -69,10 +73,12 @@ def attach_heads(
 
     Raises:
         TypeError: If `backbone` is not a functional Keras model, or `taps`,
-            `head` or `final_head` has the wrong type.
+            `head` or `final_head` has the wrong type, or a head builder
+            returns something other than a symbolic tensor.
         ValueError: If a tap is unknown, duplicated, out of order (not
-            shallow to deep), not below the backbone's output, or if
-            `num_classes`, `num_losses` or a head name is invalid.
+            shallow to deep), not below the backbone's output, if
+            `num_classes`, `num_losses` or a head name is invalid, or if a
+            head builder returns logits that do not depend on its input.
 
     Example:
 
@@ -101,12 +107,37 @@ def attach_heads(
     head = _builder(head, "head")
     final_head = _builder(final_head, "final_head")
     taps = _check_taps(backbone, taps, num_losses)
+    # Before any head touches the backbone's graph.
+    _check_model_kwargs(method, model_kwargs, len(taps) + 1)
     outputs = []
     for index, name in enumerate(taps):
         x = backbone.get_layer(name).output
-        outputs.append(_head(head, x, num_classes, f"head_{index}"))
-    outputs.append(_head(final_head, backbone.outputs[0], num_classes, "final"))
+        outputs.append(_head(head, "head", x, num_classes, f"head_{index}"))
+    outputs.append(
+        _head(final_head, "final_head", backbone.outputs[0], num_classes,
+              "final")
+    )
     return MultiWayModel(backbone.inputs, outputs, method=method, **model_kwargs)
+
+
+def _check_model_kwargs(method, model_kwargs, num_outputs):
+    """Raises the `MultiWayModel` constructor's errors for its documented
+    arguments, before the heads are built."""
+    if method not in METHODS:
+        raise ValueError(
+            f"`method` must be one of {METHODS}. Received: method={method!r}"
+        )
+    if "nu" in model_kwargs:
+        loss_weights.check_nu(model_kwargs["nu"])
+    if "relay_span" in model_kwargs:
+        _check_relay_span(model_kwargs["relay_span"])
+    _check_weighting(model_kwargs.get("weighting", "paper"), method)
+    if model_kwargs.get("head_weights") is not None:
+        loss_weights.check_head_weights(
+            model_kwargs["head_weights"], num_outputs
+        )
+    if model_kwargs.get("head_depths") is not None:
+        loss_weights.check_head_depths(model_kwargs["head_depths"], num_outputs)
 
 
 def _builder(head, argument):
@@ -127,12 +158,20 @@ def _builder(head, argument):
     return head
 
 
-def _head(builder, x, num_classes, name):
+def _head(builder, argument, x, num_classes, name):
+    """Calls head builder `builder` (the value of `argument`) on `x`."""
     logits = builder(x, num_classes, name)
     if not isinstance(logits, keras.KerasTensor):
         raise TypeError(
-            f"The head builder {builder!r} must return a symbolic tensor "
-            f"(the logits). Received: {logits!r} for head {name!r}"
+            f"`{argument}` must return a symbolic tensor (the logits). "
+            f"Received: {argument}={builder!r}, which returned {logits!r} "
+            f"for head {name!r}"
+        )
+    if id(x) not in upstream_tensors(logits):
+        raise ValueError(
+            f"`{argument}` must return logits computed from the feature it "
+            f"is given. Received: {argument}={builder!r}, whose logits for "
+            f"head {name!r} ({logits!r}) do not depend on that feature"
         )
     return keras.layers.Identity(name=name)(logits)
 

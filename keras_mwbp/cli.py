@@ -13,6 +13,7 @@ import re
 import keras
 
 from keras_mwbp.data import DATASETS
+from keras_mwbp.data import TFDS_DATASETS
 from keras_mwbp.data import load
 from keras_mwbp.callbacks import AdaptiveNu
 from keras_mwbp.callbacks import TensorBoard
@@ -58,29 +59,66 @@ def model_builder(name):
     )
 
 
+ADAPTIVE_NU = ("adaptive-I", "adaptive-II")
+
+
 def nu_value(text):
     """`--nu`: a positive number, `adaptive-I` or `adaptive-II`."""
-    if text in ("adaptive-I", "adaptive-II"):
+    if text in ADAPTIVE_NU:
         return text
-    return positive(float)(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number, adaptive-I or adaptive-II, got {text!r}"
+        )
+    return value
 
 
 def positive(type_):
-    """argparse `type` that accepts only values of `type_` above zero."""
+    """argparse `type` that accepts only finite values of `type_` above
+    zero."""
+    return _bounded(type_, lambda value: value > 0, "must be > 0")
 
+
+def non_negative(type_):
+    """argparse `type` that accepts only finite values of `type_` >= 0."""
+    return _bounded(type_, lambda value: value >= 0, "must be >= 0")
+
+
+def _bounded(type_, accept, rule):
     def parse(text):
-        value = type_(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        value = type_(text)  # A ValueError: argparse's "invalid int value".
+        if not (accept(value) and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
         return value
 
     parse.__name__ = type_.__name__
     return parse
 
 
+def _one_line(text):
+    """`text` with every run of whitespace (newlines too) as one space."""
+    return " ".join(str(text).split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors are one line.
+
+    `error()` prints `"<prog>: error: <message>"` on one line of stderr, with
+    no usage dump, and exits with status 2 (argparse's status for usage
+    errors). Subcommand parsers are of the same class.
+    """
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
 def build_parser():
     """The argument parser of `keras-mwbp`, one subcommand per job."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="keras-mwbp",
         description="Multi-way backpropagation (Guo et al., 2020) for Keras.",
     )
@@ -134,11 +172,11 @@ def build_parser():
         + " of the epochs",
     )
     train.add_argument(
-        "--weight-decay", type=float, default=1e-4,
+        "--weight-decay", type=non_negative(float), default=1e-4,
         help="decoupled weight decay of SGD",
     )
     train.add_argument(
-        "--seed", type=int, default=0,
+        "--seed", type=non_negative(int), default=0,
         help="seed of the weights, the data split and the shuffling",
     )
     train.add_argument(
@@ -146,7 +184,7 @@ def build_parser():
         help="write the model (checkpoint each epoch), TensorBoard logs, the "
         "report (CSV, JSON) and a plot of every head's error here",
     )
-    train.set_defaults(run=run_train)
+    train.set_defaults(run=run_train, parser=train)
     export = commands.add_parser(
         "export",
         help="save one head's intermediate model as a plain Keras model",
@@ -159,7 +197,7 @@ def build_parser():
         help="head index: 0 is the shallowest, -1 the final head",
     )
     export.add_argument("output", help="where to write the .keras file")
-    export.set_defaults(run=run_export)
+    export.set_defaults(run=run_export, parser=export)
     report = commands.add_parser(
         "report",
         help="print every intermediate model's depth, size, cost and error",
@@ -175,12 +213,44 @@ def build_parser():
     report.add_argument("--data-dir", help="tensorflow-datasets directory")
     report.add_argument("--csv", help="also write the table to this CSV file")
     report.add_argument("--json", help="also write the table to this JSON file")
-    report.set_defaults(run=run_report)
+    report.set_defaults(run=run_report, parser=report)
     return parser
+
+
+def _check_data_dir(args, parser):
+    """A usage error unless a `--data-dir` that the data set reads exists."""
+    if (
+        args.data_dir is not None
+        and args.dataset in TFDS_DATASETS
+        and "://" not in args.data_dir
+        and not os.path.isdir(args.data_dir)
+    ):
+        parser.error(
+            f"argument --data-dir: no such directory: {args.data_dir}"
+        )
+
+
+def _check_model_file(args, parser):
+    if not os.path.exists(args.model):
+        parser.error(f"argument model: no such file: {args.model}")
+
+
+def _check_parent_dir(parser, argument, path):
+    """A usage error unless the directory that would hold `path` exists."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        parser.error(f"argument {argument}: no such directory: {parent}")
 
 
 def run_train(args, parser):
     """Trains as `args` say and prints the per-head table."""
+    _check_data_dir(args, parser)
+    if args.output_dir is not None and (
+        os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir)
+    ):
+        parser.error(
+            f"argument --output-dir: not a directory: {args.output_dir}"
+        )
     keras.utils.set_random_seed(args.seed)
     try:
         train, test, info = load(
@@ -237,6 +307,8 @@ def run_export(args, parser):
     """Saves intermediate model `args.head` of `args.model` to `args.output`."""
     if not args.output.endswith(".keras"):
         parser.error(f"OUTPUT must end in .keras, got {args.output}")
+    _check_parent_dir(parser, "output", args.output)
+    _check_model_file(args, parser)
     try:
         model = keras.saving.load_model(args.model)
         exit_model = model.exit_model(args.head)
@@ -252,6 +324,11 @@ def run_export(args, parser):
 
 def run_report(args, parser):
     """Prints (and writes) the per-head report of `args.model`."""
+    _check_model_file(args, parser)
+    _check_data_dir(args, parser)
+    for argument in ("csv", "json"):
+        if getattr(args, argument) is not None:
+            _check_parent_dir(parser, f"--{argument}", getattr(args, argument))
     try:
         model = keras.saving.load_model(args.model)
         _, test, _ = load(args.dataset, data_dir=args.data_dir, augment=False)
@@ -272,7 +349,11 @@ def main(argv=None):
         argv: Arguments without the program name; `None` reads `sys.argv`.
 
     Returns:
-        Exit status 0. Bad arguments exit with status 2 (argparse).
+        Exit status 0. Errors print one line, `"keras-mwbp <command>: error:
+        <message>"`, on stderr, with no traceback, and raise `SystemExit`:
+        status 2 for bad arguments (usage errors, checked before any work),
+        status 1 for a `ValueError`, `TypeError`, `OSError` or `ImportError`
+        while the command runs.
 
     Example:
 
@@ -280,5 +361,11 @@ def main(argv=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.run(args, parser)
+    try:
+        args.run(args, args.parser)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        message = _one_line(error) or "(no message)"
+        args.parser.exit(
+            1, f"{args.parser.prog}: error: {type(error).__name__}: {message}\n"
+        )
     return 0

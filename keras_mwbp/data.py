@@ -1,5 +1,7 @@
 """Small data sets that need no download."""
 
+import os
+
 import numpy as np
 from sklearn import datasets
 from sklearn import model_selection
@@ -51,7 +53,8 @@ def load_digits(test_fraction=0.25, seed=0):
 #: The names `load` accepts.
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "svhn_cropped")
 
-_TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped")
+#: The names `load` reads from a local tensorflow-datasets copy.
+TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped")
 
 #: Per-channel mean and standard deviation of the training images, scaled
 #: to [0, 1]; fixed constants, so that train and test use the same ones.
@@ -127,8 +130,8 @@ def load(
         ValueError: For an unknown `name` or a `batch_size` that is not a
             positive integer.
         ImportError: If tensorflow-datasets is needed but not installed.
-        FileNotFoundError: If a tfds data set is not prepared in `data_dir`
-            (nothing is downloaded).
+        FileNotFoundError: If a local `data_dir` is not a directory, or a
+            tfds data set is not prepared in it (nothing is downloaded).
 
     Example:
 
@@ -141,7 +144,7 @@ def load(
     """
     if name not in DATASETS:
         raise ValueError(
-            f"Unknown data set `name`: {name!r}. Expected one of {DATASETS}."
+            f"`name` must be one of {DATASETS}. Received: name={name!r}"
         )
     if (
         isinstance(batch_size, bool)
@@ -153,7 +156,7 @@ def load(
             f"Received: batch_size={batch_size!r}"
         )
     batch_size = int(batch_size)
-    if name in _TFDS_NAMES:
+    if name in TFDS_DATASETS:
         return _load_tfds(name, batch_size, data_dir, seed, augment, as_images)
     if name == "digits":
         (x_train, y_train), (x_test, y_test) = load_digits(seed=seed)
@@ -308,7 +311,13 @@ def _load_tfds(name, batch_size, data_dir, seed, augment, as_images):
     tfds = _import_tfds(name)
     tf = _tf()
     if data_dir is not None:
-        data_dir = str(data_dir)
+        data_dir = os.fspath(data_dir)
+        if "://" not in data_dir and not os.path.isdir(data_dir):
+            raise FileNotFoundError(
+                "`data_dir` must be an existing directory of prepared "
+                f"tensorflow-datasets data (for {name!r}). "
+                f"Received: data_dir={data_dir!r}, which is not a directory"
+            )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         prepared = builder.is_prepared()

@@ -80,7 +80,7 @@ def pool_dense(x, num_classes, name):
         x = pooling[rank](name=f"{name}_pool")(x)
     elif rank != 2:
         raise ValueError(
-            f"Head {name!r} needs a feature tensor of rank 2 to 5. "
-            f"Received: a tensor of shape {x.shape}"
+            f"`x` of head {name!r} must be a feature tensor of rank 2 to 5. "
+            f"Received: x with shape {tuple(x.shape)}"
         )
     return layers.Dense(num_classes, name=f"{name}_dense")(x)

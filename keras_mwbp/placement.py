@@ -104,7 +104,9 @@ def place_heads(backbone, num_losses, min_interval=5):
         raise ValueError(
             f"Backbone '{name}' of depth {depth} (weight layers) with "
             f"{num_losses} losses: one head every {interval} weight layers "
-            f"(tau = ceil({depth} / {num_losses})), {problem}. {advice}"
+            f"(tau = ceil({depth} / {num_losses})), {problem}. {advice} "
+            f"Received: num_losses={num_losses!r}, "
+            f"min_interval={min_interval!r}"
         )
     candidates = [(d, layer) for d, layer in sorted(cuts.items())
                   if 0 < d < depth]
@@ -114,7 +116,8 @@ def place_heads(backbone, num_losses, min_interval=5):
             "between the input and the output (layers that every path from "
             "the input to the output passes through), at depths "
             f"{[d for d, _ in candidates]}; {num_losses} losses need "
-            f"{num_aux}. Use fewer losses."
+            f"{num_aux}. Use fewer losses (a smaller `num_losses`). "
+            f"Received: num_losses={num_losses!r}"
         )
     ideals = [k * interval for k in range(1, num_losses)]
     chosen = _assign(ideals, [d for d, _ in candidates], depth)
@@ -128,7 +131,9 @@ def place_heads(backbone, num_losses, min_interval=5):
                 f"tau / 2 = {interval / 2:g} away. Its cut points (layers "
                 "that every path from the input to the output passes "
                 f"through) lie at depths {[d for d, _ in candidates]}; "
-                "use fewer losses or place the heads by hand."
+                "use fewer losses (a smaller `num_losses`) or place the "
+                "heads by hand. "
+                f"Received: num_losses={num_losses!r}"
             )
     return [candidates[index][1] for index in chosen]
 

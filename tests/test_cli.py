@@ -9,6 +9,7 @@ import pytest
 
 import keras_mwbp
 from keras_mwbp import MultiWayModel
+from keras_mwbp import cli
 from keras_mwbp.cli import main
 
 # ResNet-8 on 8x8x1 digits with 3 losses: heads after blocks 1 and 2. With
@@ -32,6 +33,18 @@ def table_rows(stdout):
     matches = [ROW.match(line) for line in lines[start + 1:]]
     assert all(matches), lines[start:]
     return [(m.groups()[:4], float(m.group(5))) for m in matches]
+
+
+def error_line(capsys, command=None):
+    """The one line a failed command printed on stderr (checked: one
+    non-empty line, `keras-mwbp[ command]: error: ...`, no traceback)."""
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    prefix = "keras-mwbp" + (f" {command}" if command else "")
+    assert lines[0].startswith(prefix + ": error: "), lines[0]
+    return lines[0]
 
 
 def test_train_end_to_end(tmp_path):
@@ -73,7 +86,7 @@ def test_train_other_methods(method, capsys):
         (["train", "--method", "dsn"], "invalid choice: 'dsn'"),
         (["train", "--epochs", "0"], "must be > 0"),
         (["train", "--epochs", "two"], "invalid int value"),
-        (["train", "--nu", "-1"], "must be > 0"),
+        (["train", "--nu", "-1"], "must be a positive number"),
         (["train", "--depth", "9"], "invalid choice: 9"),
         (["train", "--depth", "8", "--losses", "4"], "`num_losses`"),
         (["train", "--losses", "1"], "at least two heads"),
@@ -83,7 +96,7 @@ def test_bad_flags_exit_with_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in error_line(capsys, argv[0] if len(argv) > 1 else None)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
@@ -142,7 +155,9 @@ def test_export_errors_are_usage_errors(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(tmp_path / "m.keras")] + argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in error_line(capsys, "export")
+    assert not (tmp_path / "out.keras").exists()
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_report_prints_and_writes_the_table(tmp_path, capsys):
@@ -188,7 +203,7 @@ def test_report_of_a_missing_file_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "none.keras")])
     assert exit_info.value.code == 2
-    assert "none.keras" in capsys.readouterr().err
+    assert "none.keras" in error_line(capsys, "report")
 
 
 def test_train_writes_checkpoint_logs_and_report(tmp_path, capsys):
@@ -218,11 +233,49 @@ def test_train_on_mnist1d_signals(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "vgg16"], "unknown model 'vgg16'"),
-    (["--nu", "adaptive-III"], "invalid nu_value value"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/tfds"], "cifar10"),
+    (["--nu", "adaptive-III"], "got 'adaptive-III'"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/tfds"],
+     "argument --data-dir: no such directory: /nonexistent/tfds"),
 ])
 def test_train_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"] + argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in error_line(capsys, "train")
+
+
+@pytest.mark.parametrize("where, error", [
+    ("load", OSError("[Errno 5] Input/output error:\n'/data/digits'")),
+    ("load", TypeError("unsupported operand\ntype(s)")),
+    # After training a ValueError is no usage error either.
+    ("report", ValueError("")),
+])
+def test_errors_while_running_print_one_line_and_exit_1(
+    where, error, monkeypatch, capsys
+):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, where, fail)
+    monkeypatch.setattr(MultiWayModel, "fit", lambda self, *a, **k: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--depth", "8", "--losses", "2", "--epochs", "1"])
+    assert exit_info.value.code == 1
+    message = " ".join(str(error).split()) or "(no message)"
+    assert error_line(capsys, "train") == (
+        f"keras-mwbp train: error: {type(error).__name__}: {message}")
+
+
+def test_export_onto_a_directory_is_one_line_exit_1(tmp_path, capsys):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,))
+    model = MultiWayModel(
+        inputs, [keras.layers.Dense(2)(inputs)], method="standard"
+    )
+    model.save(tmp_path / "m.keras")
+    (tmp_path / "out.keras").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "m.keras"), "--head", "0",
+              str(tmp_path / "out.keras")])
+    assert exit_info.value.code == 1
+    assert "IsADirectoryError" in error_line(capsys, "export")
