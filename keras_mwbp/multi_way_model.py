@@ -3,8 +3,10 @@
 import keras
 from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.saving import serialization_lib
+from keras.src.trainers.data_adapters import array_slicing
 from keras.src.utils import tracking
 
+from keras_mwbp import data_order
 from keras_mwbp import weighting as loss_weights
 from keras_mwbp.backend import tensorflow as backend_step
 from keras_mwbp.graph import HeadGraph
@@ -23,6 +25,7 @@ METHODS = (
 # Methods with one optimizer and one update per loss, in this order of losses.
 MULTIWAY_METHODS = ("mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp")
 WEIGHTINGS = ("paper", "reference_code")
+NAN_POLICIES = ("raise", "skip_step", "zero")
 
 
 @keras.saving.register_keras_serializable(package="keras_mwbp")
@@ -119,6 +122,8 @@ class MultiWayModel(keras.Model):
         head_weights=None,
         relay_span=1,
         weighting="paper",
+        nan_policy="raise",
+        shuffle_seed=None,
         **kwargs,
     ):
         if method not in METHODS:
@@ -127,6 +132,8 @@ class MultiWayModel(keras.Model):
             )
         _check_relay_span(relay_span)
         _check_weighting(weighting, method)
+        _check_nan_policy(nan_policy)
+        shuffle_seed = data_order.check_seed(shuffle_seed)
         loss_weights.check_nu(nu)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
@@ -153,6 +160,10 @@ class MultiWayModel(keras.Model):
         self.method = method
         self.relay_span = int(relay_span)
         self.weighting = weighting
+        self.nan_policy = nan_policy
+        self.shuffle_seed = shuffle_seed
+        self._batches_to_skip = 0
+        self._skipped_logs = {}
         self._given_head_depths = head_depths
         self._given_head_weights = head_weights
         # Non-trainable variables, so that a callback can change them between
@@ -330,9 +341,140 @@ class MultiWayModel(keras.Model):
         return trackers + metrics
 
     # ------------------------------------------------------------- training
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        initial_epoch=0,
+        steps_per_epoch=None,
+        **kwargs,
+    ):
+        """`keras.Model.fit`, with a data order that survives a restart.
+
+        In-memory arrays (NumPy arrays or tensors) with `shuffle=True` and no
+        `steps_per_epoch` are shuffled by a permutation that depends only on
+        the model's `shuffle_seed` and the epoch number, so that training
+        resumed at epoch `e` (from a `.keras` checkpoint with
+        `initial_epoch=e`, or from a backup) sees the batches the
+        uninterrupted run saw. Datasets, generators and `PyDataset`s are used
+        as given. Other arguments are those of `keras.Model.fit`.
+        """
+        leaves = data_order.array_leaves(x, y, sample_weight)
+        if leaves is not None and x is not None and any(
+            len(a) == 0 for a in leaves
+        ):
+            raise ValueError(
+                "The training data is empty: `x`, `y` and `sample_weight` "
+                "must hold at least one sample. Received: arrays of lengths "
+                f"{[len(a) for a in leaves]}"
+            )
+        if (
+            shuffle is True
+            and steps_per_epoch is None
+            and leaves is not None
+            and x is not None
+        ):
+            if validation_split and validation_data is None:
+                (x, y, sample_weight), validation_data = (
+                    array_slicing.train_validation_split(
+                        (x, y, sample_weight),
+                        validation_split=validation_split,
+                    )
+                )
+            validation_split = 0.0
+            batch_size = batch_size or 32
+            num_samples = len(keras.tree.flatten(x)[0])
+            first = data_order.start_epoch(
+                self, _as_list(callbacks), initial_epoch
+            )
+            x = data_order.epoch_batches(
+                x, y, sample_weight, batch_size, self.shuffle_seed,
+                first_epoch=first, epochs=epochs,
+            )
+            steps_per_epoch = data_order.steps_per_epoch(
+                num_samples, batch_size
+            )
+            y = sample_weight = batch_size = None
+            shuffle = False
+        return super().fit(
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            **kwargs,
+        )
+
+    def make_train_function(self, force=False):
+        """Keras's train function, wrapped: it skips the batches a resumed
+        backup already trained (see `keras_mwbp.callbacks.BackupAndRestore`)
+        and turns a failed `nan_policy="raise"` check into a
+        `FloatingPointError` naming the step and head."""
+        super().make_train_function(force=force)
+        function = self.train_function
+        if getattr(function, "_keras_mwbp_wrapped", False):
+            return function
+
+        def train_function(iterator):
+            if self._batches_to_skip > 0:
+                for _ in range(self.steps_per_execution):
+                    next(iterator)
+                self._batches_to_skip -= self.steps_per_execution
+                return dict(self._skipped_logs)
+            try:
+                return function(iterator)
+            except Exception as error:
+                failure = backend_step.nonfinite_step(error)
+                if failure is None:
+                    raise
+                raise FloatingPointError(
+                    self._nonfinite_message(*failure)
+                ) from None
+
+        train_function._keras_mwbp_wrapped = True
+        self.train_function = train_function
+        return train_function
+
+    def _nonfinite_message(self, step, head):
+        where = (
+            "the gradient of the joint objective" if head < 0
+            else f"the loss or a gradient of head {head} "
+            f"('{self.output_names[head]}')"
+        )
+        return (
+            f"nan_policy='raise': {where} is not finite at training step "
+            f"{step} (optimizer iterations, counted from 0). The step was not "
+            "applied: every weight and optimizer state is as before it. "
+            "Pass nan_policy='skip_step' to skip such steps, or 'zero' to "
+            "replace NaN gradients by zero."
+        )
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_labels(y)
+        # nan_policy "raise"/"skip_step": the state before the step, to put
+        # back if a loss or gradient is not finite.
+        snapshot = []
+        if self.nan_policy != "zero":
+            snapshot = backend_step.snapshot(self._step_state())
+        self._finite_flags = []
         step = backend_step.TensorFlowStep(self._head_graph)
         # The shared forward: every feature and every loss, once.
         with step.recording(persistent=self.method not in ("standard", "joint")):
@@ -342,24 +484,70 @@ class MultiWayModel(keras.Model):
             weighted = [g * loss for g, loss in zip(gammas, head_losses)]
             objective = self._objective(head_losses, weighted)
             penalty = _regularization_penalty(self.trainable_variables)
-        step.commit_state()  # BatchNorm statistics move once per step.
+        # BatchNorm statistics move once per step.
+        step.commit_state(after=[value for _, value in snapshot])
         total = objective + penalty  # Logged; computed before any update.
+        if snapshot:
+            for i, loss in enumerate(head_losses):
+                self._finite_flags.append((i, backend_step.all_finite([loss])))
+        after = [total] + [value for _, value in snapshot]
         if self.method in MULTIWAY_METHODS:
             seeds = weighted if self.weighting == "paper" else head_losses
-            self._multiway_backward(step, seeds, gammas, data, [total])
+            self._multiway_backward(step, seeds, gammas, data, after)
         else:
             variables = self._update_groups[0]
             if self.method == "relay":
                 grads = self._relay_gradients(step, weighted)
             else:
                 grads = step.gradients(objective, variables)
-            self._apply(0, grads, variables, after=[total])
+            self._apply(0, grads, variables, after=after, head=-1)
         self.optimizer.finish_step()
-        logs = self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
-        logs["nu"] = self._nu.value
+        self._update_metrics(x, y, y_pred, sample_weight, head_losses, total)
+        applied = self._undo_unless_finite(snapshot) if snapshot else None
+        with backend_step.control_dependencies([applied]):
+            logs = dict(self.get_metrics_result())
+        # Tensors, not the variables: eager Keras packs logs in an Optional.
+        logs["nu"] = keras.ops.convert_to_tensor(self._nu)
+        gammas = keras.ops.convert_to_tensor(self._gammas)
         for i in range(self.num_heads):
-            logs[f"gamma_{i}"] = self._gammas.value[i]
+            logs[f"gamma_{i}"] = gammas[i]
         return logs
+
+    def _step_state(self):
+        """Every variable a training step may change: the model's (weights,
+        BatchNorm statistics, dropout seeds, nu, gammas), the optimizer's
+        (all per-loss states, step counters) and the metrics'."""
+        seen, state = set(), []
+        variables = (
+            list(self.variables)
+            + list(self.optimizer.variables)
+            + list(self.metrics_variables)
+        )
+        for v in variables:
+            if id(v) not in seen:
+                seen.add(id(v))
+                state.append(v)
+        return state
+
+    def _undo_unless_finite(self, snapshot):
+        """nan_policy "raise"/"skip_step": if a loss or gradient of this step
+        is not finite, puts every variable back as it was before the step;
+        under "raise" then stops with the step and head named.
+
+        Returns:
+            A boolean tensor: whether the step was applied.
+        """
+        counter = self.optimizer.iterations
+        step_number = next(
+            value for v, value in snapshot if v is counter
+        )
+        ok, head = backend_step.first_failure(self._finite_flags)
+        done = backend_step.restore_unless(
+            ok, snapshot, after=[v.value for v, _ in snapshot]
+        )
+        if self.nan_policy == "raise":
+            done = backend_step.assert_finite_step(done, step_number, head)
+        return done
 
     def _multiway_backward(self, step, seeds, gammas, data, after):
         """Paper Algorithm 1: one backward pass and update per loss.
@@ -391,7 +579,7 @@ class MultiWayModel(keras.Model):
             if self.weighting == "reference_code":
                 factors = self._reference_code_scales(i, variables, gammas)
                 grads = [g * factor for g, factor in zip(grads, factors)]
-            self._apply(i, grads, variables, after=after)
+            self._apply(i, grads, variables, after=after, head=i)
             updated.update(id(v) for v in variables)
 
     def _fresh_gradients(self, step, index, data, variables, gammas):
@@ -462,9 +650,17 @@ class MultiWayModel(keras.Model):
             return head_losses[-1]
         return sum(weighted)
 
-    def _apply(self, index, grads, variables, after=()):
+    def _apply(self, index, grads, variables, after=(), head=-1):
         """Adds the variables' regularizer gradients, applies optimizer i once
-        every gradient of the loss (and every tensor of `after`) exists."""
+        every gradient of the loss (and every tensor of `after`) exists.
+
+        Under nan_policy "zero" NaN gradient entries become 0; under the other
+        policies the gradients' finiteness is recorded for head `head` (-1:
+        the joint objective)."""
+        if self.nan_policy == "zero":
+            grads = backend_step.zero_nans(grads)
+        else:
+            self._finite_flags.append((head, backend_step.all_finite(grads)))
         reg_grads = backend_step.regularization_gradients(variables)
         grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
         grads = backend_step.after(grads, list(grads) + list(after))
@@ -477,6 +673,10 @@ class MultiWayModel(keras.Model):
         ]
 
     def _update_logs(self, x, y, y_pred, sample_weight, head_losses, total):
+        self._update_metrics(x, y, y_pred, sample_weight, head_losses, total)
+        return self.get_metrics_result()
+
+    def _update_metrics(self, x, y, y_pred, sample_weight, head_losses, total):
         # Keras losses are divided by the number of replicas of a
         # `tf.distribute` strategy; the logs show the global values.
         replicas = backend_step.num_replicas()
@@ -486,7 +686,7 @@ class MultiWayModel(keras.Model):
         )
         for tracker, value in zip(self._head_loss_trackers, head_losses):
             tracker.update_state(value * replicas, sample_weight=batch_size)
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        self.compute_metrics(x, y, y_pred, sample_weight)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Updates every head's metrics with the one label array `y`."""
@@ -605,6 +805,8 @@ class MultiWayModel(keras.Model):
             nu=self.nu,
             relay_span=self.relay_span,
             weighting=self.weighting,
+            nan_policy=self.nan_policy,
+            shuffle_seed=self.shuffle_seed,
             head_depths=(
                 None if self._given_head_depths is None
                 else list(self._given_head_depths)
@@ -632,6 +834,21 @@ def _check_relay_span(relay_span):
         raise ValueError(
             "`relay_span` must be a non-negative integer. "
             f"Received: relay_span={relay_span!r}"
+        )
+
+
+def _as_list(callbacks):
+    """The callbacks of `callbacks` (None, a list or a `CallbackList`)."""
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        return list(callbacks.callbacks)
+    return list(callbacks or [])
+
+
+def _check_nan_policy(nan_policy):
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(
+            f"`nan_policy` must be one of {NAN_POLICIES}. "
+            f"Received: nan_policy={nan_policy!r}"
         )
 
 

@@ -20,6 +20,8 @@ dense layers from the graph; float32 NHWC BatchNorm layers use TensorFlow's
 fused gradient kernel instead of a re-call.
 """
 
+import re
+
 import keras
 import tensorflow as tf
 from keras.src.models.functional import operation_fn
@@ -108,10 +110,11 @@ class TensorFlowStep:
             self.initial_state[id(variable)] = self.new_state[id(variable)] = value
         return self.new_state[id(variable)][1]
 
-    def commit_state(self):
-        """Writes the forward pass's new non-trainable state, once."""
+    def commit_state(self, after=()):
+        """Writes the forward pass's new non-trainable state, once (after
+        every tensor of `after` exists)."""
         for variable, value in self.new_state.values():
-            variable.assign(value)
+            variable.assign(after_all(value, after))
 
     def _edge(self, tensor, ref_id):
         """The tensor as one consumer sees it: its own identity if shared."""
@@ -276,6 +279,107 @@ def after(tensors, dependencies):
     """
     with tf.control_dependencies(list(dependencies)):
         return [tf.identity(t) for t in tensors]
+
+
+def after_all(tensor, dependencies):
+    """`tensor`, computed once every tensor of `dependencies` exists."""
+    if not dependencies:
+        return tensor
+    return after([tensor], dependencies)[0]
+
+
+# ------------------------------------------------------------ nan_policy
+NAN_ASSERT_TAG = "keras_mwbp_nonfinite_step"
+
+
+def snapshot(variables):
+    """(variable, value) pairs: each variable's value now."""
+    return [(v, tf.identity(v.value)) for v in variables]
+
+
+def all_finite(tensors):
+    """A scalar boolean: every entry of every tensor is finite."""
+    return tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
+    )
+
+
+def zero_nans(grads):
+    """The gradients with every NaN entry replaced by 0 (infinities kept)."""
+    return [tf.where(tf.math.is_nan(g), tf.zeros_like(g), g) for g in grads]
+
+
+def control_dependencies(dependencies):
+    """Context: ops created inside run after `dependencies` (None dropped)."""
+    return tf.control_dependencies([d for d in dependencies if d is not None])
+
+
+def first_failure(flags):
+    """Whether every flag holds, on every replica, and the head of the first
+    flag that does not (in the order the flags were recorded).
+
+    Args:
+        flags: List of `(head, boolean scalar tensor)`.
+
+    Returns:
+        `(ok, head)`: a boolean scalar and an int32 scalar (-1 when the first
+        failure is the joint objective's gradient).
+    """
+    bad = tf.cast(tf.logical_not(tf.stack([f for _, f in flags])), tf.float32)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        bad = context.all_reduce("sum", bad)
+    heads = tf.constant([h for h, _ in flags], tf.int32)
+    ok = tf.equal(tf.reduce_sum(bad), 0.0)
+    return ok, tf.gather(heads, tf.argmax(bad))
+
+
+def restore_unless(ok, saved, after=()):
+    """Puts every variable of `saved` back to its saved value unless `ok`.
+
+    Runs after every tensor of `after` (the variables' values after the
+    step's updates), so the restore follows every write of the step.
+
+    Returns:
+        `ok`, once the restore (if any) is done.
+    """
+    with tf.control_dependencies(list(after)):
+        ok = tf.identity(ok)
+
+    if num_replicas() > 1:
+        # No control flow around writes in a replica context (they would
+        # need a cross-replica merge inside the cond): write every variable,
+        # its current value or the saved one.
+        for variable, value in saved:
+            variable.assign(tf.where(ok, variable.value, value))
+        return after_all(ok, [v.value for v, _ in saved])
+
+    def restore():
+        for variable, value in saved:
+            variable.assign(value)
+        return tf.constant(False)
+
+    return tf.cond(ok, lambda: tf.constant(True), restore)
+
+
+def assert_finite_step(ok, step, head):
+    """Fails the step (after the restore) naming the step and the head."""
+    check = tf.debugging.Assert(ok, [NAN_ASSERT_TAG, step, head])
+    with tf.control_dependencies([check]):
+        return tf.identity(ok)
+
+
+def nonfinite_step(error):
+    """`(step, head)` if `error` is a failed `assert_finite_step`, else
+    None."""
+    if not isinstance(error, tf.errors.InvalidArgumentError):
+        return None
+    match = re.search(
+        NAN_ASSERT_TAG + r"[^\d-]*(-?\d+)[^\d-]+(-?\d+)", str(error)
+    )
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
 
 
 def num_replicas():
