@@ -16,6 +16,7 @@ from keras_mwbp.data import DATASETS
 from keras_mwbp.data import TFDS_DATASETS
 from keras_mwbp.data import load
 from keras_mwbp.callbacks import AdaptiveNu
+from keras_mwbp.callbacks import ModelCheckpoint
 from keras_mwbp.callbacks import TensorBoard
 from keras_mwbp.models import CIFAR_RESNET_PRESETS
 from keras_mwbp.models import cifar_mobilenet_v2
@@ -31,6 +32,7 @@ from keras_mwbp.report import plot_history
 from keras_mwbp.report import report
 from keras_mwbp.report import to_csv
 from keras_mwbp.report import to_json
+from keras_mwbp.saving import save_model
 
 # Fractions of the run after which the learning rate is divided by 10 (the
 # paper's CIFAR recipe).
@@ -288,7 +290,7 @@ def run_train(args, parser):
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         callbacks += [
-            keras.callbacks.ModelCheckpoint(
+            ModelCheckpoint(  # Atomic: a crash keeps the last checkpoint.
                 os.path.join(args.output_dir, "model.keras")),
             TensorBoard(os.path.join(args.output_dir, "logs")),
         ]
@@ -314,7 +316,7 @@ def run_export(args, parser):
         exit_model = model.exit_model(args.head)
     except (OSError, ValueError, TypeError, AttributeError) as error:
         parser.error(f"cannot export head {args.head} of {args.model}: {error}")
-    exit_model.save(args.output)
+    save_model(exit_model, args.output)
     print(
         f"head {args.head} ({model.output_names[args.head]}, depth "
         f"{model.head_depths[args.head]}, {exit_model.count_params():,} "
