@@ -1,8 +1,11 @@
 """`MultiWayModel`: a functional Keras model trained with Multi-way BP."""
 
+import types
+
 import keras
 from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.saving import serialization_lib
+from keras.src.trainers import data_adapters
 from keras.src.trainers.data_adapters import array_slicing
 from keras.src.utils import tracking
 
@@ -26,6 +29,31 @@ METHODS = (
 MULTIWAY_METHODS = ("mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp")
 WEIGHTINGS = ("paper", "reference_code")
 NAN_POLICIES = ("raise", "skip_step", "zero")
+_STATE_HEAD = -2  # nan_policy's "head" of the forward pass's new state.
+# The attributes `compile()` sets (Keras's and this class's), put back when
+# it fails part way.
+_COMPILE_STATE = (
+    "optimizer",
+    "loss",
+    "_compile_loss",
+    "_compile_metrics",
+    "_jit_compile",
+    "_run_eagerly",
+    "stop_training",
+    "_compiled_trainable_state",
+    "compiled",
+    "_loss_tracker",
+    "steps_per_execution",
+    "train_function",
+    "test_function",
+    "predict_function",
+    "_compile_config",
+    "_head_graph",
+    "_head_losses",
+    "_update_groups",
+    "_head_loss_trackers",
+)
+_MISSING = object()
 
 
 @keras.saving.register_keras_serializable(package="keras_mwbp")
@@ -90,6 +118,19 @@ class MultiWayModel(keras.Model):
             `"reference_code"` (the authors' code, for the per-loss methods:
             an auxiliary head's own gradient unscaled, its trunk gradient
             times gamma_i / sum_{j=i}^{K-1} gamma_j).
+        nan_policy: What a training step does when a head's loss, an
+            update's gradients or the new BatchNorm statistics are not
+            finite. `"raise"` (default): every variable (weights, statistics,
+            optimizer states, step counters, metrics) is put back as before
+            the step and `fit` raises a `FloatingPointError` naming the step
+            and the head. `"skip_step"`: the same undo, then training goes
+            on. `"zero"`: NaN gradient entries become 0 before each update
+            (the authors' code); nothing else is checked.
+        shuffle_seed: Non-negative int or `None` (drawn from NumPy's global
+            generator, so `keras.utils.set_random_seed` fixes it). `fit`
+            shuffles in-memory arrays by a permutation of this seed and the
+            epoch number, so a resumed run sees the same batches; saved in
+            the config.
         **kwargs: Passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -291,42 +332,57 @@ class MultiWayModel(keras.Model):
                 f"Received: loss_weights={loss_weights!r}"
             )
         kwargs.pop("auto_scale_loss", None)
+        # Everything is checked before any state changes: a failed
+        # compile() leaves a compiled model as it was.
         head_losses = self._per_head_losses(loss)
         head_metrics = self._per_head_metrics(metrics, "metrics")
         head_weighted = self._per_head_metrics(
             weighted_metrics, "weighted_metrics"
         )
-        self._head_graph = HeadGraph(self)
+        head_graph = HeadGraph(self)
         if self.method in MULTIWAY_METHODS:
-            groups = list(self._head_graph.loss_variables)
+            groups = list(head_graph.loss_variables)
         elif self.method == "standard":
-            groups = [self._head_graph.loss_variables[-1]]
+            groups = [head_graph.loss_variables[-1]]
         else:
             groups = [self.trainable_variables]
         container = MultiWayOptimizer(optimizer, num_losses=len(groups))
         container.set_variable_groups(groups, self.trainable_variables)
-        super().compile(
-            optimizer=container,
-            metrics=head_metrics,
-            weighted_metrics=head_weighted,
-            # A LossScaleOptimizer would hide the per-loss optimizers.
-            auto_scale_loss=False,
-            **kwargs,
-        )
-        self._head_losses = head_losses
-        self._update_groups = groups
-        self._head_loss_trackers = [
-            keras.metrics.Mean(name=f"{name}_loss")
-            for name in self.output_names
-        ]
-        container.build(self.trainable_variables)
-        self._compile_config = serialization_lib.SerializableDict(
-            optimizer=container.template,
-            loss=loss,
-            metrics=metrics,
-            weighted_metrics=weighted_metrics,
-            **kwargs,
-        )
+        previous = {
+            name: self.__dict__.get(name, _MISSING)
+            for name in _COMPILE_STATE
+        }
+        try:
+            self._head_graph = head_graph
+            super().compile(
+                optimizer=container,
+                metrics=head_metrics,
+                weighted_metrics=head_weighted,
+                # A LossScaleOptimizer would hide the per-loss optimizers.
+                auto_scale_loss=False,
+                **kwargs,
+            )
+            self._head_losses = head_losses
+            self._update_groups = groups
+            self._head_loss_trackers = [
+                keras.metrics.Mean(name=f"{name}_loss")
+                for name in self.output_names
+            ]
+            container.build(self.trainable_variables)
+            self._compile_config = serialization_lib.SerializableDict(
+                optimizer=container.template,
+                loss=loss,
+                metrics=metrics,
+                weighted_metrics=weighted_metrics,
+                **kwargs,
+            )
+        except BaseException:
+            for name, value in previous.items():
+                if value is _MISSING:
+                    self.__dict__.pop(name, None)
+                else:
+                    self.__dict__[name] = value
+            raise
 
     def compile_from_config(self, config):
         config = serialization_lib.deserialize_keras_object(config)
@@ -377,6 +433,20 @@ class MultiWayModel(keras.Model):
                 "must hold at least one sample. Received: arrays of lengths "
                 f"{[len(a) for a in leaves]}"
             )
+        if (
+            data_adapters.is_tf_dataset(x)
+            and hasattr(x, "cardinality")
+            and int(x.cardinality()) == 0
+        ):
+            raise ValueError(
+                "The training data is empty: `x` is a `tf.data.Dataset` "
+                "with no batches. Received: x with cardinality 0"
+            )
+        self._check_array_labels(y)
+        if isinstance(validation_data, (list, tuple)) and len(
+            validation_data
+        ) in (2, 3):
+            self._check_array_labels(validation_data[1])
         if (
             shuffle is True
             and steps_per_epoch is None
@@ -434,10 +504,7 @@ class MultiWayModel(keras.Model):
 
         def train_function(iterator):
             if self._batches_to_skip > 0:
-                for _ in range(self.steps_per_execution):
-                    next(iterator)
-                self._batches_to_skip -= self.steps_per_execution
-                return dict(self._skipped_logs)
+                return self._skip_batches(iterator)
             try:
                 return function(iterator)
             except Exception as error:
@@ -452,12 +519,47 @@ class MultiWayModel(keras.Model):
         self.train_function = train_function
         return train_function
 
+    def _resume_in_epoch(self, batches, logs, metric_values):
+        """Resumes an epoch after its first `batches` batches (see
+        `keras_mwbp.callbacks.BackupAndRestore`): the train function draws
+        those batches from the data without training on them, returning
+        `logs`, then sets the metrics' running totals to `metric_values`."""
+        self._batches_to_skip = int(batches)
+        self._skipped_logs = dict(logs)
+        self._resume_metric_values = list(metric_values)
+
+    def _skip_batches(self, iterator):
+        for _ in range(self.steps_per_execution):
+            batch = next(iterator)
+        self._batches_to_skip -= self.steps_per_execution
+        values = getattr(self, "_resume_metric_values", None)
+        if self._batches_to_skip <= 0 and values is not None:
+            self._resume_metric_values = None
+            if len(self.metrics_variables) != len(values):
+                # Compiled metrics are built with the first step; build them
+                # now from the batch's shapes.
+                self._symbolic_build(data_batch=batch)
+            variables = self.metrics_variables
+            shapes = [tuple(v.shape) for v in variables]
+            if shapes != [tuple(numpy_value.shape) for numpy_value in values]:
+                raise ValueError(
+                    "The backup's metric state does not match the compiled "
+                    f"metrics: {len(values)} saved variables, {len(shapes)} "
+                    "in this model. Compile with the metrics of the run that "
+                    "made the backup."
+                )
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+        return dict(self._skipped_logs)
+
     def _nonfinite_message(self, step, head):
-        where = (
-            "the gradient of the joint objective" if head < 0
-            else f"the loss or a gradient of head {head} "
-            f"('{self.output_names[head]}')"
-        )
+        if head == _STATE_HEAD:
+            where = "the layers' new state (e.g. BatchNorm statistics)"
+        elif head < 0:
+            where = "the gradient of the joint objective"
+        else:
+            where = (f"the loss or a gradient of head {head} "
+                     f"('{self.output_names[head]}')")
         return (
             f"nan_policy='raise': {where} is not finite at training step "
             f"{step} (optimizer iterations, counted from 0). The step was not "
@@ -490,6 +592,14 @@ class MultiWayModel(keras.Model):
         if snapshot:
             for i, loss in enumerate(head_losses):
                 self._finite_flags.append((i, backend_step.all_finite([loss])))
+            # The new BatchNorm statistics (finite losses can still give an
+            # infinite moving variance).
+            state = [v for _, v in step.new_state.values()
+                     if keras.backend.is_float_dtype(v.dtype)]
+            if state:
+                self._finite_flags.append(
+                    (_STATE_HEAD, backend_step.all_finite(state))
+                )
         after = [total] + [value for _, value in snapshot]
         if self.method in MULTIWAY_METHODS:
             seeds = weighted if self.weighting == "paper" else head_losses
@@ -739,7 +849,9 @@ class MultiWayModel(keras.Model):
             return None
         per_head = self._per_head(metrics, argument)
         if per_head is not None:
-            return [list(m or []) for m in per_head]
+            return _checked_metrics(
+                [list(m or []) for m in per_head], argument, metrics
+            )
         if not isinstance(metrics, (list, tuple)):
             raise ValueError(
                 f"`{argument}` must be a list, a list of lists (one per "
@@ -755,7 +867,10 @@ class MultiWayModel(keras.Model):
                     f"output ({self.num_heads}). "
                     f"Received: {argument}={metrics!r}"
                 )
-            return [list(m or []) for m in metrics]
+            return _checked_metrics(
+                [list(m or []) for m in metrics], argument, metrics
+            )
+        _checked_metrics([list(metrics)], argument, metrics)
         return [[_clone_metric(m) for m in metrics]
                 for _ in range(self.num_heads)]
 
@@ -786,6 +901,56 @@ class MultiWayModel(keras.Model):
                     f"shape {y_shape}"
                 )
 
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`; in-memory class-index labels outside a
+        head's logits raise a `ValueError` before any batch runs."""
+        if not kwargs.get("_use_cached_eval_dataset"):
+            # (fit() checked its validation labels already.)
+            self._check_array_labels(y)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def _check_array_labels(self, y):
+        """Checks in-memory labels before any step: their shape (as
+        `_check_labels` does in the step, whose traced shapes Keras may relax
+        to an unknown rank after a retrace) and, for a head with a sparse
+        loss, that every class index is one of its logits (the loss's
+        `ignore_class` excepted). Raises `ValueError` naming `y`."""
+        losses = getattr(self, "_head_losses", None)
+        if losses is None or y is None or isinstance(y, (list, tuple, dict)):
+            return
+        leaves = data_order.array_leaves(y)
+        if not leaves:
+            return
+        labels = leaves[0]
+        self._check_labels(
+            types.SimpleNamespace(shape=(None,) + tuple(labels.shape[1:]))
+        )
+        if labels.size == 0:
+            return
+        for name, output, loss_fn in zip(self.output_names, self.outputs,
+                                         losses):
+            classes = output.shape[-1]
+            if (
+                _label_rule(loss_fn) is not _sparse_labels_fit
+                or classes is None
+                or not _sparse_labels_fit(labels.shape, tuple(output.shape))
+            ):
+                continue
+            values = labels
+            ignore = getattr(loss_fn, "_fn_kwargs", {}).get("ignore_class")
+            if ignore is not None:
+                values = labels[labels != ignore]
+            if values.size == 0:
+                continue
+            low, high = values.min(), values.max()
+            if low < 0 or high >= classes:
+                raise ValueError(
+                    f"`y` must hold class indices in [0, {classes - 1}] for "
+                    f"head '{name}' ({classes} logits, loss "
+                    f"{getattr(loss_fn, 'name', loss_fn)}). Received: y with "
+                    f"values in [{low}, {high}]"
+                )
+
     def _check_no_activity_regularizers(self):
         for layer in self._flatten_layers(include_self=False):
             if getattr(layer, "activity_regularizer", None) is not None:
@@ -796,6 +961,38 @@ class MultiWayModel(keras.Model):
                 )
 
     # ---------------------------------------------------------- serializing
+    def _seed_states(self):
+        """The layers' random seed states (e.g. Dropout's), which Keras's
+        weight files leave out."""
+        weights = {id(v) for v in self.weights}
+        return [v for v in self.variables if id(v) not in weights]
+
+    def save_own_variables(self, store):
+        """Saves nu, the loss weights and every layer's seed state, so that
+        a resumed run draws the dropout masks the uninterrupted one would."""
+        super().save_own_variables(store)
+        for i, variable in enumerate(self._seed_states()):
+            store[f"seed_state_{i}"] = keras.ops.convert_to_numpy(variable)
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        seeds = sorted(
+            (k for k in keys if k.startswith("seed_state_")),
+            key=lambda k: int(k.rsplit("_", 1)[1]),
+        )
+        states = self._seed_states()
+        if seeds and len(seeds) != len(states):
+            raise ValueError(
+                f"The file holds {len(seeds)} random seed states, but this "
+                f"model has {len(states)}: it was saved from another model."
+            )
+        super().load_own_variables(
+            {k: store[k] for k in keys if not k.startswith("seed_state_")}
+        )
+        # Files written before seed states were saved keep fresh seeds.
+        for variable, key in zip(states, seeds):
+            variable.assign(store[key])
+
     def get_config(self):
         config = keras.Model(self.inputs, self.outputs).get_config()
         config.update(
@@ -880,12 +1077,49 @@ def _check_head_order(depths):
 
 
 def _loss_object(identifier):
-    loss = keras.losses.get(identifier)
-    if loss is None:
-        raise ValueError(f"Could not interpret loss: {identifier!r}")
+    try:
+        loss = keras.losses.get(identifier)
+    except (ValueError, TypeError, KeyError):
+        loss = None
+    if loss is None or not callable(loss):
+        raise ValueError(
+            "`loss` must be a Keras loss, the name of one or a callable "
+            f"(y_true, y_pred) -> loss. Received: loss={identifier!r}"
+        ) from None
     if isinstance(loss, keras.losses.Loss):
         return loss
     return LossFunctionWrapper(loss, name=loss.__name__)
+
+
+# Names `CompileMetrics` resolves from the labels' and outputs' shapes.
+_SHAPE_DEPENDENT_METRICS = ("accuracy", "acc", "crossentropy", "ce")
+
+
+def _checked_metrics(per_head, argument, received):
+    """`per_head` (lists of metrics), once every named or configured metric
+    is known to Keras; raises `ValueError` naming `argument` otherwise."""
+    for metrics in per_head:
+        for metric in metrics:
+            if metric is None or (
+                isinstance(metric, str)
+                and metric in _SHAPE_DEPENDENT_METRICS
+            ):
+                continue
+            if isinstance(metric, (str, dict)):
+                try:
+                    known = keras.metrics.get(metric) is not None
+                except (ValueError, TypeError, KeyError):
+                    known = False
+            else:
+                known = callable(metric)
+            if not known:
+                raise ValueError(
+                    f"`{argument}` must hold Keras metrics, the names of "
+                    "metrics or callables (y_true, y_pred) -> value. "
+                    f"Unknown metric: {metric!r}. "
+                    f"Received: {argument}={received!r}"
+                )
+    return per_head
 
 
 def _clone_metric(metric):

@@ -1,5 +1,7 @@
 """One optimizer per loss, held in one Keras optimizer."""
 
+import copy
+
 import keras
 from keras import ops
 from keras.src.utils import tracking
@@ -49,7 +51,19 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
                 "`optimizer` must be a Keras optimizer. "
                 f"Received: optimizer={optimizer!r}"
             )
-        template = keras.optimizers.get(optimizer)
+        try:
+            # (Keras's deserialization edits a config dict in place.)
+            template = keras.optimizers.get(
+                copy.deepcopy(optimizer)
+                if isinstance(optimizer, dict) else optimizer
+            )
+        except (ValueError, TypeError, KeyError):
+            # An unknown name or a config Keras cannot deserialize.
+            raise ValueError(
+                "`optimizer` must be a Keras optimizer, the name of one "
+                "(e.g. 'sgd') or its config. "
+                f"Received: optimizer={optimizer!r}"
+            ) from None
         if isinstance(template, MultiWayOptimizer):
             template = template.template
         if (

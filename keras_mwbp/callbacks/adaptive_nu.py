@@ -144,7 +144,23 @@ class AdaptiveNu(keras.callbacks.Callback):
         self.nu = nu
 
     def _current_rate(self):
-        rate = self.model.optimizer.learning_rate
+        """The learning rate at the first step of this epoch.
+
+        Read at the epoch's first batch; in an epoch resumed mid-way by
+        `keras_mwbp.callbacks.BackupAndRestore` the optimizer is already
+        `model._batches_to_skip` steps further, so a schedule is evaluated
+        at the epoch's first step instead.
+        """
+        optimizer = self.model.optimizer
+        skipped = getattr(self.model, "_batches_to_skip", 0)
+        inner = getattr(optimizer, "loss_optimizers", (optimizer,))[0]
+        schedule = getattr(inner, "_learning_rate", None)
+        if skipped and isinstance(
+            schedule, keras.optimizers.schedules.LearningRateSchedule
+        ):
+            rate = schedule(inner.iterations - skipped)
+        else:
+            rate = optimizer.learning_rate
         return float(np.asarray(keras.ops.convert_to_numpy(rate)))
 
 

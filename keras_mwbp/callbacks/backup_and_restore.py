@@ -1,0 +1,261 @@
+"""Step-exact backup and resume of an interrupted `MultiWayModel.fit`."""
+
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+
+from keras_mwbp.saving import atomic_path
+
+BACKUP_FILE = "backup.npz"
+_META = "__meta__"
+
+
+@keras.saving.register_keras_serializable(package="keras_mwbp")
+class BackupAndRestore(keras.callbacks.Callback):
+    """Backs up training every `save_freq` and resumes at the exact step.
+
+    Like `keras.callbacks.BackupAndRestore`, but a run restarted after a
+    crash continues from the batch after the last backup instead of the
+    start of the interrupted epoch, and ends with the same result as a run
+    that was never interrupted:
+
+    - Saved: every variable of the model (weights, BatchNorm statistics,
+      dropout seed states, `nu` and the loss weights), every variable of
+      the optimizer (each loss's optimizer state and step counter, hence
+      the learning-rate schedule's position), the metrics' running totals,
+      the epoch, the number of batches done in it, and the `History` so far.
+    - Resume: `fit` starts at the saved epoch; the batches of that epoch that
+      were already trained are drawn from the data and skipped (not
+      trained), so the data order is kept. For in-memory arrays
+      `MultiWayModel.fit` makes the order of every epoch a function of the
+      model's `shuffle_seed` and the epoch number, so it is the same in the
+      new process. A `tf.data.Dataset` resumes exactly if it yields the same
+      batches in each epoch of a new process (no shuffle, or a shuffle with
+      `reshuffle_each_iteration=False`); a dataset that reshuffles every
+      iteration restarts its shuffle sequence, so later batches come in
+      another order (the state is still restored exactly).
+    - Atomic: the backup is one file, written beside its final name and
+      renamed over it when complete; a crash while writing leaves the
+      previous backup intact.
+    - With deterministic ops (`tf.config.experimental.enable_op_determinism`)
+      the resumed run is bit-for-bit the uninterrupted one.
+
+    Keras's own `keras.callbacks.BackupAndRestore` keeps working with a
+    `MultiWayModel` at epoch granularity (`save_freq="epoch"`); with a step
+    `save_freq` it restarts the interrupted epoch from its first batch on
+    mid-epoch weights, which trains some batches twice.
+
+    Callbacks see the skipped batches' `on_train_batch_begin/end` with the
+    logs of the backup, so batch numbers match the uninterrupted run.
+    Callbacks with their own state (e.g. `ReduceLROnPlateau`'s patience)
+    restart it.
+
+    Args:
+        backup_dir: Folder for the backup file (created if needed).
+        save_freq: `"epoch"` (after every epoch) or a positive integer: back
+            up every `save_freq` trained batches.
+        delete_checkpoint: Whether to delete the backup when training ends.
+
+    Example:
+
+    ```python
+    backup = keras_mwbp.callbacks.BackupAndRestore("/tmp/run", save_freq=50)
+    model.fit(x, y, epochs=400, callbacks=[backup])  # rerun after a crash
+    ```
+    """
+
+    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
+        super().__init__()
+        if not isinstance(backup_dir, (str, os.PathLike)) or not str(
+            backup_dir
+        ):
+            raise ValueError(
+                "`backup_dir` must be a non-empty path. "
+                f"Received: backup_dir={backup_dir!r}"
+            )
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool)
+            or not isinstance(save_freq, int)
+            or save_freq < 1
+        ):
+            raise ValueError(
+                "`save_freq` must be 'epoch' or a positive integer. "
+                f"Received: save_freq={save_freq!r}"
+            )
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        self._path = os.path.join(self.backup_dir, BACKUP_FILE)
+        self._resume = None
+        self._epoch = 0
+        self._skip_until = 0
+        self._since_save = 0
+
+    def get_config(self):
+        return {
+            "backup_dir": self.backup_dir,
+            "save_freq": self.save_freq,
+            "delete_checkpoint": self.delete_checkpoint,
+        }
+
+    # --------------------------------------------------------------- resume
+    def resume_epoch(self):
+        """The epoch the backup resumes at, or None without a backup."""
+        meta = self._read_meta()
+        return None if meta is None else meta["epoch"]
+
+    def _read_meta(self):
+        if not os.path.exists(self._path):
+            return None
+        with np.load(self._path, allow_pickle=False) as backup:
+            return json.loads(str(backup[_META]))
+
+    def set_model(self, model):
+        if not hasattr(model, "_batches_to_skip"):
+            raise ValueError(
+                "keras_mwbp.callbacks.BackupAndRestore resumes a "
+                "`keras_mwbp.MultiWayModel`; use "
+                "`keras.callbacks.BackupAndRestore` for other models. "
+                f"Received: model of type {type(model).__name__}"
+            )
+        super().set_model(model)
+
+    def on_train_begin(self, logs=None):
+        self._resume = None
+        self._skip_until = 0
+        self._since_save = 0
+        if not os.path.exists(self._path):
+            return
+        with np.load(self._path, allow_pickle=False) as backup:
+            meta = json.loads(str(backup[_META]))
+            groups = {
+                name: [backup[f"{name}/{i}"] for i in range(len(paths))]
+                for name, paths in meta["paths"].items()
+            }
+        current = self._variable_groups()
+        del current["metrics"]  # Built with the first step; checked then.
+        for name, variables in current.items():
+            saved_paths = meta["paths"].get(name)
+            paths = [v.path for v in variables]
+            shapes = [tuple(v.shape) for v in variables]
+            saved_shapes = [tuple(a.shape) for a in groups.get(name, [])]
+            # Layer names may differ between processes (`dense_3`), so the
+            # structure is checked: the number and shapes of the variables.
+            if saved_shapes != shapes:
+                raise ValueError(
+                    f"The backup in {self.backup_dir!r} does not match this "
+                    f"model: its {name} variables are {len(saved_paths or [])}"
+                    f" ({_summary(saved_paths, saved_shapes)}), this model "
+                    f"has {len(paths)} ({_summary(paths, shapes)}). Resume "
+                    "with the model, method and optimizer that made it, or "
+                    "delete the backup to start over."
+                )
+        # Checked everything first; now restore (metrics after Keras resets
+        # them at the start of the epoch).
+        for name in ("model", "optimizer"):
+            for variable, value in zip(current[name], groups[name]):
+                variable.assign(value)
+        self._metric_values = groups["metrics"]
+        self.model._initial_epoch = meta["epoch"]
+        self._resume = meta
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return
+        history = getattr(self.model, "history", None)
+        if history is not None and resume["history"]:
+            history.epoch = resume["history_epochs"] + list(history.epoch)
+            for key, values in resume["history"].items():
+                history.history[key] = values + history.history.get(key, [])
+        if resume["step"] > 0 and epoch == resume["epoch"]:
+            self._skip_until = resume["step"]
+            self.model._resume_in_epoch(
+                resume["step"], resume["logs"], self._metric_values
+            )
+
+    # --------------------------------------------------------------- backup
+    def on_train_batch_end(self, batch, logs=None):
+        if batch < self._skip_until:
+            return  # A skipped batch (already trained before the backup).
+        if self.save_freq == "epoch":
+            return
+        self._since_save += self.model.steps_per_execution
+        if self._since_save >= self.save_freq:
+            self._since_save = 0
+            self._save(self._epoch, batch + 1, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._skip_until = 0
+        if self.save_freq == "epoch":
+            self._save(epoch + 1, 0, logs, epoch_done=True)
+
+    def on_train_end(self, logs=None):
+        self.model._batches_to_skip = 0
+        if self.delete_checkpoint and os.path.exists(self.backup_dir):
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+    def _variable_groups(self):
+        return {
+            "model": list(self.model.variables),
+            "optimizer": list(self.model.optimizer.variables),
+            "metrics": list(self.model.metrics_variables),
+        }
+
+    def _save(self, epoch, step, logs, epoch_done=False):
+        history = getattr(self.model, "history", None)
+        past = {}
+        past_epochs = []
+        if history is not None:
+            past = {k: [_number(v) for v in vs]
+                    for k, vs in history.history.items()}
+            past_epochs = [int(e) for e in history.epoch]
+            if epoch_done:  # History records this epoch after this callback.
+                past_epochs, past = _with_epoch(past_epochs, past, epoch - 1,
+                                                logs)
+        groups = self._variable_groups()
+        meta = {
+            "epoch": int(epoch),
+            "step": int(step),
+            "logs": {k: _number(v) for k, v in (logs or {}).items()},
+            "history": past,
+            "history_epochs": past_epochs,
+            "paths": {
+                name: [v.path for v in variables]
+                for name, variables in groups.items()
+            },
+        }
+        arrays = {
+            f"{name}/{i}": keras.ops.convert_to_numpy(v)
+            for name, variables in groups.items()
+            for i, v in enumerate(variables)
+        }
+        arrays[_META] = np.array(json.dumps(meta))
+        os.makedirs(self.backup_dir, exist_ok=True)
+        with atomic_path(self._path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+
+def _number(value):
+    return float(keras.ops.convert_to_numpy(value))
+
+
+def _with_epoch(epochs, history, epoch, logs):
+    if epoch in epochs:
+        return epochs, history
+    history = {k: list(v) for k, v in history.items()}
+    for key, value in (logs or {}).items():
+        history.setdefault(key, []).append(_number(value))
+    return epochs + [epoch], history
+
+
+def _summary(paths, shapes):
+    if not paths:
+        return "none"
+    pairs = [f"{p} {s}" for p, s in zip(paths, shapes)]
+    return ", ".join(pairs[:3]) + (", ..." if len(pairs) > 3 else "")
