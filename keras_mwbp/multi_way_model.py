@@ -573,9 +573,10 @@ class MultiWayModel(keras.Model):
         self._check_labels(y)
         # nan_policy "raise"/"skip_step": the state before the step, to put
         # back if a loss or gradient is not finite.
-        snapshot = []
+        snapshot, taken = [], []
         if self.nan_policy != "zero":
             snapshot = backend_step.snapshot(self._step_state())
+            taken = [backend_step.token([value for _, value in snapshot])]
         self._finite_flags = []
         step = backend_step.TensorFlowStep(self._head_graph)
         # The shared forward: every feature and every loss, once.
@@ -587,7 +588,7 @@ class MultiWayModel(keras.Model):
             objective = self._objective(head_losses, weighted)
             penalty = _regularization_penalty(self.trainable_variables)
         # BatchNorm statistics move once per step.
-        step.commit_state(after=[value for _, value in snapshot])
+        step.commit_state(after=taken)
         total = objective + penalty  # Logged; computed before any update.
         if snapshot:
             for i, loss in enumerate(head_losses):
@@ -600,7 +601,7 @@ class MultiWayModel(keras.Model):
                 self._finite_flags.append(
                     (_STATE_HEAD, backend_step.all_finite(state))
                 )
-        after = [total] + [value for _, value in snapshot]
+        after = [total] + taken
         if self.method in MULTIWAY_METHODS:
             seeds = weighted if self.weighting == "paper" else head_losses
             self._multiway_backward(step, seeds, gammas, data, after)

@@ -297,6 +297,13 @@ def snapshot(variables):
     return [(v, tf.identity(v.value)) for v in variables]
 
 
+def token(tensors):
+    """A scalar that exists once every tensor of `tensors` does (one
+    dependency standing for many)."""
+    with tf.control_dependencies(list(tensors)):
+        return tf.constant(True)
+
+
 def all_finite(tensors):
     """A scalar boolean: every entry of every tensor is finite."""
     return tf.reduce_all(
