@@ -52,6 +52,7 @@ _COMPILE_STATE = (
     "_head_losses",
     "_update_groups",
     "_head_loss_trackers",
+    "_skipped_steps",
 )
 _MISSING = object()
 
@@ -368,6 +369,10 @@ class MultiWayModel(keras.Model):
                 keras.metrics.Mean(name=f"{name}_loss")
                 for name in self.output_names
             ]
+            self._skipped_steps = (
+                keras.metrics.Sum(name="skipped_steps")
+                if self.nan_policy == "skip_step" else None
+            )
             container.build(self.trainable_variables)
             self._compile_config = serialization_lib.SerializableDict(
                 optimizer=container.template,
@@ -393,8 +398,11 @@ class MultiWayModel(keras.Model):
         metrics = super().metrics
         trackers = list(getattr(self, "_head_loss_trackers", []))
         if metrics and metrics[0] is self._loss_tracker:
-            return metrics[:1] + trackers + metrics[1:]
-        return trackers + metrics
+            metrics = metrics[:1] + trackers + metrics[1:]
+        else:
+            metrics = trackers + metrics
+        skipped = getattr(self, "_skipped_steps", None)
+        return metrics + ([skipped] if skipped is not None else [])
 
     # ------------------------------------------------------------- training
     def fit(
@@ -616,6 +624,11 @@ class MultiWayModel(keras.Model):
         self._update_metrics(x, y, y_pred, sample_weight, head_losses, total)
         applied = self._undo_unless_finite(snapshot) if snapshot else None
         with backend_step.control_dependencies([applied]):
+            if self._skipped_steps is not None:
+                # Counted after the undo (which restores the metrics too).
+                self._skipped_steps.update_state(
+                    1.0 - keras.ops.cast(applied, "float32")
+                )
             logs = dict(self.get_metrics_result())
         # Tensors, not the variables: eager Keras packs logs in an Optional.
         logs["nu"] = keras.ops.convert_to_tensor(self._nu)
@@ -752,7 +765,11 @@ class MultiWayModel(keras.Model):
         total = self._objective(head_losses, weighted) + _regularization_penalty(
             self.trainable_variables
         )
-        return self._update_logs(x, y, y_pred, sample_weight, head_losses, total)
+        logs = self._update_logs(
+            x, y, y_pred, sample_weight, head_losses, total
+        )
+        logs.pop("skipped_steps", None)  # A training count only.
+        return logs
 
     def _objective(self, head_losses, weighted):
         """The method's training objective (what `loss` logs, less
@@ -889,6 +906,8 @@ class MultiWayModel(keras.Model):
                 "`y` must be one label array used by every head, not one per "
                 f"head. Received: y with structure {shapes}"
             )
+        if getattr(y.shape, "rank", 0) is None:
+            return  # Retraced with an unknown rank: nothing static to check.
         y_shape = tuple(y.shape)
         for name, output, loss_fn in zip(
             self.output_names, self.outputs, self._head_losses
