@@ -56,8 +56,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         save_freq="epoch",
         initial_value_threshold=None,
     ):
-        super().__init__(
-            filepath,
+        options = dict(
             monitor=monitor,
             verbose=verbose,
             save_best_only=save_best_only,
@@ -66,16 +65,8 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             save_freq=save_freq,
             initial_value_threshold=initial_value_threshold,
         )
-        self._config = dict(
-            filepath=self.filepath,
-            monitor=monitor,
-            verbose=verbose,
-            save_best_only=save_best_only,
-            save_weights_only=save_weights_only,
-            mode=mode,
-            save_freq=save_freq,
-            initial_value_threshold=initial_value_threshold,
-        )
+        super().__init__(filepath, **options)
+        self._config = dict(filepath=self.filepath, **options)
 
     def get_config(self):
         return dict(self._config)
