@@ -3,8 +3,8 @@
 Keras shuffles NumPy inputs with an unseeded `tf.random.shuffle`, so a
 process that resumes training at epoch `e` (from a `.keras` checkpoint or a
 backup) sees another order than the run it continues. `MultiWayModel.fit`
-therefore feeds array inputs through `EpochShuffledArrays`: epoch `e` visits
-the samples in the order `permutation(shuffle_seed, e, n)`, the same in every
+therefore feeds array inputs through `epoch_batches`: epoch `e` visits the
+samples in the order `permutation(shuffle_seed, e, n)`, the same in every
 process, and the seed is part of the model's config.
 """
 

@@ -206,6 +206,7 @@ class MultiWayModel(keras.Model):
         self.shuffle_seed = shuffle_seed
         self._batches_to_skip = 0
         self._skipped_logs = {}
+        self._resume_metric_values = None
         self._given_head_depths = head_depths
         self._given_head_weights = head_weights
         # Non-trainable variables, so that a callback can change them between
@@ -540,7 +541,7 @@ class MultiWayModel(keras.Model):
         for _ in range(self.steps_per_execution):
             batch = next(iterator)
         self._batches_to_skip -= self.steps_per_execution
-        values = getattr(self, "_resume_metric_values", None)
+        values = self._resume_metric_values
         if self._batches_to_skip <= 0 and values is not None:
             self._resume_metric_values = None
             if len(self.metrics_variables) != len(values):
@@ -666,9 +667,7 @@ class MultiWayModel(keras.Model):
             value for v, value in snapshot if v is counter
         )
         ok, head = backend_step.first_failure(self._finite_flags)
-        done = backend_step.restore_unless(
-            ok, snapshot, after=[v.value for v, _ in snapshot]
-        )
+        done = backend_step.restore_unless(ok, snapshot)
         if self.nan_policy == "raise":
             done = backend_step.assert_finite_step(done, step_number, head)
         return done

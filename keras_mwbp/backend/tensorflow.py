@@ -341,17 +341,16 @@ def first_failure(flags):
     return ok, tf.gather(heads, tf.argmax(bad))
 
 
-def restore_unless(ok, saved, after=()):
+def restore_unless(ok, saved):
     """Puts every variable of `saved` back to its saved value unless `ok`.
 
-    Runs after every tensor of `after` (the variables' values after the
+    Runs once every variable's current value has been read (after the
     step's updates), so the restore follows every write of the step.
 
     Returns:
         `ok`, once the restore (if any) is done.
     """
-    with tf.control_dependencies(list(after)):
-        ok = tf.identity(ok)
+    ok = after_all(ok, [v.value for v, _ in saved])
 
     if num_replicas() > 1:
         # No control flow around writes in a replica context (they would
