@@ -3,12 +3,8 @@
 import types
 
 import keras
-from keras.src.losses.losses import LossFunctionWrapper
-from keras.src.saving import serialization_lib
-from keras.src.trainers import data_adapters
-from keras.src.trainers.data_adapters import array_slicing
-from keras.src.utils import tracking
 
+from keras_mwbp import _compat
 from keras_mwbp import data_order
 from keras_mwbp import weighting as loss_weights
 from keras_mwbp.backend import tensorflow as backend_step
@@ -299,7 +295,7 @@ class MultiWayModel(keras.Model):
         )
 
     # --------------------------------------------------------------- compile
-    @tracking.no_automatic_dependency_tracking
+    @_compat.tracking.no_automatic_dependency_tracking
     def compile(
         self,
         optimizer="rmsprop",
@@ -375,7 +371,7 @@ class MultiWayModel(keras.Model):
                 if self.nan_policy == "skip_step" else None
             )
             container.build(self.trainable_variables)
-            self._compile_config = serialization_lib.SerializableDict(
+            self._compile_config = _compat.serialization_lib.SerializableDict(
                 optimizer=container.template,
                 loss=loss,
                 metrics=metrics,
@@ -391,7 +387,7 @@ class MultiWayModel(keras.Model):
             raise
 
     def compile_from_config(self, config):
-        config = serialization_lib.deserialize_keras_object(config)
+        config = _compat.serialization_lib.deserialize_keras_object(config)
         self.compile(**config)
 
     @property
@@ -443,7 +439,7 @@ class MultiWayModel(keras.Model):
                 f"{[len(a) for a in leaves]}"
             )
         if (
-            data_adapters.is_tf_dataset(x)
+            _compat.data_adapters.is_tf_dataset(x)
             and hasattr(x, "cardinality")
             and int(x.cardinality()) == 0
         ):
@@ -464,7 +460,7 @@ class MultiWayModel(keras.Model):
         ):
             if validation_split and validation_data is None:
                 (x, y, sample_weight), validation_data = (
-                    array_slicing.train_validation_split(
+                    _compat.array_slicing.train_validation_split(
                         (x, y, sample_weight),
                         validation_split=validation_split,
                     )
@@ -1036,9 +1032,7 @@ class MultiWayModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from keras.src.models.functional import functional_from_config
-
-        return functional_from_config(cls, config, custom_objects)
+        return _compat.functional_from_config(cls, config, custom_objects)
 
 
 def _check_relay_span(relay_span):
@@ -1107,7 +1101,7 @@ def _loss_object(identifier):
         ) from None
     if isinstance(loss, keras.losses.Loss):
         return loss
-    return LossFunctionWrapper(loss, name=loss.__name__)
+    return _compat.LossFunctionWrapper(loss, name=loss.__name__)
 
 
 # Names `CompileMetrics` resolves from the labels' and outputs' shapes.
@@ -1156,7 +1150,7 @@ def _label_rule(loss_fn):
     fn = getattr(loss_fn, "fn", None)
     if isinstance(loss_fn, _SPARSE_LOSSES) or fn in _SPARSE_FUNCTIONS:
         return _sparse_labels_fit
-    owner = fn if isinstance(loss_fn, LossFunctionWrapper) else (
+    owner = fn if isinstance(loss_fn, _compat.LossFunctionWrapper) else (
         type(loss_fn))
     if getattr(owner, "__module__", "").startswith("keras."):
         return _dense_labels_fit

@@ -4,7 +4,7 @@ import copy
 
 import keras
 from keras import ops
-from keras.src.utils import tracking
+from keras_mwbp._compat import tracking
 
 
 @keras.saving.register_keras_serializable(package="keras_mwbp")

@@ -102,8 +102,8 @@ def save_model(model, filepath, overwrite=True, **kwargs):
     ```
     """
     import keras
-    from keras.src.utils import file_utils
-    from keras.src.utils import io_utils
+    from keras_mwbp._compat import file_utils
+    from keras_mwbp._compat import io_utils
 
     if (
         not isinstance(filepath, (str, os.PathLike))

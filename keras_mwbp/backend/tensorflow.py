@@ -24,7 +24,7 @@ import re
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import operation_fn
+from keras_mwbp._compat import operation_fn
 
 
 class TensorFlowStep:

@@ -5,7 +5,7 @@ import numbers
 
 import keras
 import numpy as np
-from keras.src.utils import io_utils
+from keras_mwbp._compat import io_utils
 
 MODES = {"I": (0.5, 2.0), "II": (2.0, 0.5)}  # mode -> (start, factor)
 

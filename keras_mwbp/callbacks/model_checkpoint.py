@@ -1,8 +1,8 @@
 """`ModelCheckpoint`: Keras's checkpoint callback, with atomic saves."""
 
 import keras
-from keras.src.utils import file_utils
-from keras.src.utils import io_utils
+from keras_mwbp._compat import file_utils
+from keras_mwbp._compat import io_utils
 
 from keras_mwbp.saving import atomic_path
 from keras_mwbp.saving import save_model
