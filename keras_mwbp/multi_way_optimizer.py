@@ -4,6 +4,7 @@ import copy
 
 import keras
 from keras import ops
+from keras_mwbp import _compat
 from keras_mwbp._compat import tracking
 
 
@@ -21,11 +22,14 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     - `iterations` counts training steps (not per-loss updates); each inner
       optimizer is applied once per step, so learning-rate schedules, Adam's
       bias correction and weight decay advance once per step too.
-    - `learning_rate` reads the first inner optimizer's rate; setting it sets
-      every inner optimizer's (as `LearningRateScheduler` and
-      `ReduceLROnPlateau` do).
-    - `variables` holds the container's own step counter followed by every
-      inner optimizer's variables. Loading a state whose number or shapes of
+    - One learning rate serves every inner optimizer: the container's
+      `learning_rate` variable (or the template's schedule, evaluated at the
+      step count), which each inner optimizer reads. Every way Keras code
+      sets a rate reaches all of them: `learning_rate.assign(x)`, setting
+      the attribute (as `LearningRateScheduler` and `ReduceLROnPlateau` do),
+      or a `LearningRateSchedule`.
+    - `variables` holds the container's own step counter and learning rate
+      followed by every inner optimizer's variables. Loading a state whose number or shapes of
       variables differ, or a file with no state for it at all, raises a
       `ValueError` instead of training on with fresh optimizer states (Keras's
       own optimizers only warn).
@@ -75,9 +79,12 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
                 "`num_losses` must be a positive integer. "
                 f"Received: num_losses={num_losses!r}"
             )
-        super().__init__(
-            learning_rate=self._inner_learning_rate, name=name, **kwargs
-        )
+        rate = _compat.learning_rate_object(template)
+        if isinstance(rate, keras.Variable):
+            rate = float(keras.ops.convert_to_numpy(rate))
+        # The container owns the one learning rate (a variable, or the
+        # template's schedule) that every inner optimizer reads.
+        super().__init__(learning_rate=rate, name=name, **kwargs)
         config = template.get_config()
         self.template = template.__class__.from_config(config)
         self._inner = tuple(
@@ -86,6 +93,10 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
             )
             for i in range(num_losses)
         )
+        for inner in self._inner:
+            _compat.share_learning_rate(
+                inner, _compat.learning_rate_object(self)
+            )
         self._groups = None
 
     @property
@@ -102,17 +113,20 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     def num_losses(self):
         return len(self._inner)
 
-    def _inner_learning_rate(self):
-        return self._inner[0].learning_rate
-
     @property
     def learning_rate(self):
-        return self._inner[0].learning_rate
+        return keras.optimizers.Optimizer.learning_rate.fget(self)
 
     @learning_rate.setter
     def learning_rate(self, learning_rate):
+        # Keras's setter assigns a number to the rate variable, which every
+        # inner optimizer reads, or replaces the rate by a schedule or a
+        # callable, which is then handed to every inner optimizer.
+        keras.optimizers.Optimizer.learning_rate.fset(self, learning_rate)
         for inner in self._inner:
-            inner.learning_rate = learning_rate
+            _compat.share_learning_rate(
+                inner, _compat.learning_rate_object(self)
+            )
 
     @tracking.no_automatic_dependency_tracking
     def set_variable_groups(self, groups, variables=None):
@@ -180,7 +194,8 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
                 "states. To load only the weights, load them into the model "
                 "before `compile()` (or `load_model(..., compile=False)`)."
             )
-        if len(store.keys()) != len(variables):
+        values = self._stored_values(store)
+        if len(values) != len(variables):
             raise ValueError(
                 f"The saved state of optimizer '{self.name}' has "
                 f"{len(store.keys())} variables, but this optimizer has "
@@ -188,16 +203,39 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
                 f"{'' if self.built else ', not built'}). The file was saved "
                 "with a different model, method or optimizer."
             )
-        for i, variable in enumerate(variables):
-            value = store[str(i)]
+        for value, variable in zip(values, variables):
             if tuple(value.shape) != tuple(variable.shape):
                 raise ValueError(
                     f"The saved state of optimizer '{self.name}' does not "
                     f"match variable '{variable.path}': saved shape "
                     f"{tuple(value.shape)}, expected {tuple(variable.shape)}."
                 )
-        for i, variable in enumerate(variables):
-            variable.assign(store[str(i)])
+        for value, variable in zip(values, variables):
+            variable.assign(value)
+
+    def _stored_values(self, store):
+        """The saved values in the order of `variables`. Files of
+        keras_mwbp 0.1.0, whose inner optimizers had a learning rate
+        variable each and the container none, are read in that layout (the
+        rate is the first inner optimizer's: the one `learning_rate`
+        showed)."""
+        values = [store[str(i)] for i in range(len(store.keys()))]
+        shared = isinstance(_compat.learning_rate_object(self), keras.Variable)
+        old_length = len(self.variables) + self.num_losses - 1
+        if (
+            not shared
+            or len(values) != old_length
+            or "int" not in str(values[1].dtype)
+        ):
+            return values
+        # 0.1.0: [step, (inner step, inner rate, slots...) per loss].
+        converted, index = [values[0], values[2]], 1
+        for inner in self._inner:
+            slots = len(inner.variables) - 1
+            converted.append(values[index])
+            converted.extend(values[index + 2:index + 2 + slots])
+            index += 2 + slots
+        return converted
 
     def __dir__(self):
         # The container saves its inner optimizers' variables itself; hide

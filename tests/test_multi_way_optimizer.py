@@ -91,7 +91,8 @@ def test_apply_loss_uses_only_that_losss_optimizer():
     container = MultiWayOptimizer(keras.optimizers.SGD(0.5), num_losses=2)
     container.set_variable_groups([[a], [a, b]])
     container.build([a, b])
-    assert [len(o.variables) for o in container.loss_optimizers] == [2, 2]
+    # Each inner SGD holds its step counter; the rate is the container's.
+    assert [len(o.variables) for o in container.loss_optimizers] == [1, 1]
     container.apply_loss(1, [tf.ones((2,)), tf.ones((3,))], [a, b])
     np.testing.assert_array_equal(to_numpy(a), [0.5, 0.5])
     np.testing.assert_array_equal(to_numpy(b), [0.5, 0.5, 0.5])
@@ -276,13 +277,14 @@ def test_learning_rate_scheduler_callback_sets_every_inner_rate():
 # ------------------------------------------------------------ saved state
 
 
-def test_container_variables_are_its_step_counter_then_inner_states():
+def test_container_variables_are_its_step_counter_rate_then_inner_states():
     model = compiled_mlp("mwbp")
     model.train_on_batch(*mlp_data(8))
     variables = model.optimizer.variables
     assert variables[0] is model.optimizer.iterations
+    assert variables[1] is model.optimizer.learning_rate
     inner = [v for o in model.optimizer.loss_optimizers for v in o.variables]
-    assert [id(v) for v in variables[1:]] == [id(v) for v in inner]
+    assert [id(v) for v in variables[2:]] == [id(v) for v in inner]
 
 
 def test_load_own_variables_rejects_a_state_of_the_wrong_length():
@@ -327,7 +329,8 @@ def test_container_is_built_once_training_built_its_inner_optimizers():
     model.train_on_batch(*mlp_data(8))
     optimizer = model.optimizer
     assert all(inner.built for inner in optimizer.loss_optimizers)
-    assert len(optimizer.variables) == 1 + sum(
+    # Step counter and the shared rate, then the inner states.
+    assert len(optimizer.variables) == 2 + sum(
         len(inner.variables) for inner in optimizer.loss_optimizers)
     # A trained optimizer is built, as a plain Keras optimizer is after its
     # first apply (checked before anything else could build it).
