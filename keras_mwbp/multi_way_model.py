@@ -401,6 +401,26 @@ class MultiWayModel(keras.Model):
         skipped = getattr(self, "_skipped_steps", None)
         return metrics + ([skipped] if skipped is not None else [])
 
+    def get_metrics_result(self):
+        """The metrics' values; under `nan_policy="skip_step"`, NaN for every
+        metric (`skipped_steps` excepted) while every step of the epoch so
+        far was skipped.
+
+        A metric that saw no sample has no value: Keras's means would read
+        0, and `ModelCheckpoint(save_best_only=True)` or `EarlyStopping`
+        would take a diverged epoch's `loss: 0.0` for an improvement. They
+        treat NaN as no improvement.
+        """
+        results = super().get_metrics_result()
+        if getattr(self, "_skipped_steps", None) is None:
+            return results
+        seen = self._loss_tracker.count > 0
+        return {
+            name: value if name == "skipped_steps"
+            else keras.ops.where(seen, value, float("nan"))
+            for name, value in results.items()
+        }
+
     # ------------------------------------------------------------- training
     def fit(
         self,
