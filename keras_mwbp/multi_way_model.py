@@ -3,6 +3,7 @@
 import types
 
 import keras
+import numpy as np
 
 from keras_mwbp import _compat
 from keras_mwbp import data_order
@@ -948,8 +949,9 @@ class MultiWayModel(keras.Model):
         """Checks in-memory labels before any step: their shape (as
         `_check_labels` does in the step, whose traced shapes Keras may relax
         to an unknown rank after a retrace) and, for a head with a sparse
-        loss, that every class index is one of its logits (the loss's
-        `ignore_class` excepted). Raises `ValueError` naming `y`."""
+        loss, that every label is a whole number and a class index of its
+        logits (the loss's `ignore_class` excepted). Labels must be numbers
+        (not strings). Raises `ValueError` naming `y`."""
         losses = getattr(self, "_head_losses", None)
         if losses is None or y is None or isinstance(y, (list, tuple, dict)):
             return
@@ -957,6 +959,14 @@ class MultiWayModel(keras.Model):
         if not leaves:
             return
         labels = leaves[0]
+        if labels.dtype.kind not in "biuf":
+            example = labels.ravel()[:1].tolist()[0] if labels.size else None
+            raise ValueError(
+                "`y` must hold numbers (class indices or targets), e.g. "
+                "integer class indices for a sparse loss; map string labels "
+                "to indices first. Received: y with dtype "
+                f"{labels.dtype} (first value {example!r})"
+            )
         self._check_labels(
             types.SimpleNamespace(shape=(None,) + tuple(labels.shape[1:]))
         )
@@ -977,6 +987,15 @@ class MultiWayModel(keras.Model):
                 values = labels[labels != ignore]
             if values.size == 0:
                 continue
+            if values.dtype.kind == "f":
+                fractional = values[values != np.floor(values)]
+                if fractional.size:
+                    raise ValueError(
+                        f"`y` must hold whole-number class indices for head "
+                        f"'{name}' (loss {getattr(loss_fn, 'name', loss_fn)} "
+                        "would truncate the others). Received: y with "
+                        f"non-integer values such as {fractional.flat[0].item()!r}"
+                    )
             low, high = values.min(), values.max()
             if low < 0 or high >= classes:
                 raise ValueError(
