@@ -11,6 +11,7 @@ from keras_mwbp.multi_way_model import METHODS
 from keras_mwbp.multi_way_model import MultiWayModel
 from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
 from keras_mwbp.placement import place_heads
+from keras_mwbp.train_heads import train_heads
 from keras_mwbp.weighting import gammas_from_depths
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "attach_heads",
     "gammas_from_depths",
     "place_heads",
+    "train_heads",
 ]

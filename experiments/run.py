@@ -1,0 +1,153 @@
+"""Runs one study: `python -m experiments.run STUDY [--quick] [--results DIR]`.
+
+Studies: methods, depth, nu, losses, cost (timings of the methods runs),
+cifar10_resnet56 (the paper's CIFAR-10 ResNet-56-5 recipe; needs a local
+tensorflow-datasets copy, or `--synthetic` for a smoke run).
+
+Each finished run is one JSON file under `DIR/<study>/runs/`; a second
+invocation redoes none of them and only rewrites the reports (runs.csv,
+summary.csv, paired.csv, table.md, accuracy_by_head.png).
+TensorFlow runs on one thread (intra- and inter-op) unless `--threads`.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RESULTS = os.path.join(HERE, "results")
+
+
+def _parser():
+    from experiments.studies import STUDIES
+
+    p = argparse.ArgumentParser(prog="python -m experiments.run",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("study", help=f"one of {', '.join(STUDIES)}")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke setting (under a minute): checks the runner")
+    p.add_argument("--results", default=None,
+                   help=f"results folder (default {DEFAULT_RESULTS}; "
+                        "--quick defaults to <results>/quick)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the reports from the finished runs; train nothing")
+    p.add_argument("--data-dir", default=None, help="cifar10_resnet56: tfds data dir")
+    p.add_argument("--synthetic", action="store_true",
+                   help="cifar10_resnet56: random CIFAR-shaped data, 2 epochs")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="cifar10_resnet56: epochs (default 400)")
+    return p
+
+
+def _set_threads(threads):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def run_study(study, quick, results, report_only=False):
+    from experiments import report
+    from experiments import runner
+    from experiments.studies import study_configs
+
+    groups, spec = study_configs(study, quick)
+    folder = os.path.join(results, study)
+    entries, todo, reused = [], [], 0
+    for group in groups:
+        pending = []
+        for label, config in group:
+            key = runner.run_key(config)
+            row, copied = runner.find_finished(results, study, key)
+            reused += copied
+            if row is None:
+                pending.append((label, config))
+            else:
+                entries.append((label, row))
+        if pending:
+            todo.append(pending)
+    total = sum(len(g) for g in groups)
+    new = 0
+    if not report_only:
+        # Groups that another study shares (same configs) run last, and each
+        # group is looked up again just before it runs: a study running at
+        # the same time may have finished it meanwhile.
+        todo.sort(key=lambda g: bool(spec.get("shared", ())) and
+                  str(g[0][0].get(spec["factor"])) in spec["shared"])
+        for pending in todo:
+            still = []
+            for label, config in pending:
+                row, copied = runner.find_finished(results, study, runner.run_key(config))
+                if row is None:
+                    still.append((label, config))
+                else:
+                    entries.append((label, row))
+                    reused += copied
+            pending = still
+            if not pending:
+                continue
+            labels = {runner.run_key(c): label for label, c in pending}
+
+            def on_row(row, labels=labels):
+                nonlocal new
+                path = os.path.join(folder, "runs", f"{row['key']}.json")
+                runner.write_json_atomic(path, row)
+                entries.append((labels[row["key"]], row))
+                new += 1
+                acc = " ".join(f"{a:.3f}" for a in row["test_accuracy"])
+                print(f"[{time.strftime('%H:%M:%S')}] {study} {report.label_of(labels[row['key']])} "
+                      f"seed={row['config']['seed']}: {acc}"
+                      f"{' FAILED' if row['failed'] else ''}"
+                      f"{' ' + row['error'] if row['error'] else ''}", flush=True)
+                report.summarize(study, _ordered(entries, groups), spec, folder)
+
+            runner.execute_group([c for _, c in pending], on_row)
+    if entries:
+        report.summarize(study, _ordered(entries, groups), spec, folder)
+    print(f"study {study}: {total} runs, {total - new} already done "
+          f"({reused} copied from other studies), {new} new; results in {folder}",
+          flush=True)
+    return new
+
+
+def _ordered(entries, groups):
+    order = {}
+    for group in groups:
+        for label, config in group:
+            from experiments.runner import run_key
+
+            order[run_key(config)] = len(order)
+    return sorted(entries, key=lambda e: order.get(e[1]["key"], 1 << 30))
+
+
+def main(argv=None):
+    from experiments.studies import STUDIES
+
+    args = _parser().parse_args(argv)
+    if args.study not in STUDIES:
+        print(f"error: `study` must be one of {', '.join(STUDIES)}. "
+              f"Received: {args.study!r}", file=sys.stderr)
+        return 2
+    if args.threads < 1:
+        print(f"error: `--threads` must be a positive integer. Received: {args.threads}",
+              file=sys.stderr)
+        return 2
+    results = args.results or DEFAULT_RESULTS
+    if args.quick and args.results is None:
+        results = os.path.join(DEFAULT_RESULTS, "quick")
+    if args.study == "cifar10_resnet56":
+        from experiments import cifar10_resnet56
+
+        return cifar10_resnet56.main(args, results, _set_threads)
+    _set_threads(args.threads)
+    run_study(args.study, args.quick, results, args.report_only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

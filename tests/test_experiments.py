@@ -1,0 +1,152 @@
+"""The study runner of `experiments/` (issue 12): files, columns, resumption.
+
+These tests check the runner, not the accuracies: `--quick` trains tiny
+networks for two epochs.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _runs(folder):
+    runs = os.path.join(folder, "runs")
+    return {
+        name: os.stat(os.path.join(runs, name)).st_mtime_ns
+        for name in os.listdir(runs)
+        if name.endswith(".json")
+    }
+
+
+def test_quick_study_writes_reports_and_resumes(tmp_path):
+    from experiments.report import PAIRED_COLUMNS
+    from experiments.report import RUN_COLUMNS
+
+    results = str(tmp_path / "results")
+    first = _run("methods", "--quick", "--results", results)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = os.path.join(results, "methods")
+    # 2 methods (standard, joint) x 2 seeds.
+    assert "study methods: 4 runs, 0 already done" in first.stdout
+    assert "4 new" in first.stdout
+    for name in ("runs.csv", "summary.csv", "paired.csv", "table.md",
+                 "accuracy_by_head.png", "cost.csv", "cost.md"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    with open(os.path.join(folder, "accuracy_by_head.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(folder, "runs.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == RUN_COLUMNS
+    assert len(rows) == 4 * 3  # one row per run and head (3 heads)
+    assert sorted({(r["method"], r["seed"]) for r in rows}) == [
+        ("joint", "0"), ("joint", "1"), ("standard", "0"), ("standard", "1")]
+    for r in rows:
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0
+        assert float(r["step_seconds"]) > 0
+        assert r["failed"] in ("True", "False")
+    standard = [r for r in rows if r["method"] == "standard"]
+    assert all(float(r["head_train_seconds"]) > 0 for r in standard)
+    with open(os.path.join(folder, "paired.csv")) as f:
+        pairs = list(csv.DictReader(f))
+    assert tuple(pairs[0]) == PAIRED_COLUMNS
+    # joint - standard on each of the 3 heads, over the 2 shared seeds.
+    assert [(p["a"], p["b"], p["head"], p["n_pairs"]) for p in pairs] == [
+        ("joint", "standard", str(h), "2") for h in range(3)]
+    table = open(os.path.join(folder, "table.md")).read()
+    assert "| standard |" in table and "| joint |" in table
+    runs = _runs(folder)
+    assert len(runs) == 4
+
+    second = _run("methods", "--quick", "--results", results)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "study methods: 4 runs, 4 already done" in second.stdout
+    assert "0 new" in second.stdout
+    assert _runs(folder) == runs  # nothing redone, nothing rewritten
+
+    # An interrupted study: one run's file is missing; only it is redone.
+    lost = sorted(runs)[0]
+    with open(os.path.join(folder, "runs", lost)) as f:
+        lost_row = json.load(f)
+    os.remove(os.path.join(folder, "runs", lost))
+    third = _run("methods", "--quick", "--results", results)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "4 runs, 3 already done" in third.stdout and "1 new" in third.stdout
+    after = _runs(folder)
+    assert sorted(after) == sorted(runs)
+    assert {k: v for k, v in after.items() if k != lost} == {
+        k: v for k, v in runs.items() if k != lost}
+    with open(os.path.join(folder, "runs", lost)) as f:
+        redone = json.load(f)
+    # The same run again (same seed, same data order): the same accuracies.
+    assert redone["config"] == lost_row["config"]
+    np.testing.assert_allclose(redone["test_accuracy"], lost_row["test_accuracy"],
+                               atol=1e-6)
+    assert not [n for n in os.listdir(os.path.join(folder, "runs"))
+                if n.startswith(".tmp")]
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path):
+    bad = _run("nonsense", "--results", str(tmp_path), timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: `study` must be one of methods, depth, nu, losses, cost, "
+        "cifar10_resnet56. Received: 'nonsense'"]
+    missing = str(tmp_path / "no_such_dir")
+    cifar = _run("cifar10_resnet56", "--data-dir", missing,
+                 "--results", str(tmp_path), timeout=120)
+    assert cifar.returncode == 2
+    lines = cifar.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in cifar.stderr
+    assert "needs a local tensorflow-datasets copy of CIFAR-10" in lines[0]
+    assert f"Received: --data-dir={missing!r}" in lines[0]
+    assert not os.path.exists(os.path.join(tmp_path, "cifar10_resnet56"))
+
+
+def test_paired_statistics_match_hand_computation():
+    from experiments.report import paired
+
+    # d = a - b = (1, 2, 3): mean 2, sd 1, t_{0.975, 2} = 4.302652729911275.
+    p = paired([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert p["n_pairs"] == 3 and p["mean_diff"] == pytest.approx(2.0)
+    assert p["ci95_low"] == pytest.approx(2.0 - half)
+    assert p["ci95_high"] == pytest.approx(2.0 + half)
+    assert (p["a_wins"], p["b_wins"], p["ties"]) == (3, 0, 0)
+    assert p["sign_test_p"] == pytest.approx(0.25)  # 2 * 0.5 ** 3
+    # A failed (NaN) run drops its pair from the statistics, not the row.
+    p = paired([1.0, float("nan"), 0.0, 0.5], [0.0, 0.0, 1.0, 0.5])
+    assert (p["n_pairs"], p["a_wins"], p["b_wins"], p["ties"]) == (3, 1, 1, 1)
+    assert p["sign_test_p"] == pytest.approx(1.0)
+
+
+def test_warmup_step_decay_schedule():
+    import keras
+
+    from experiments.schedule import WarmupStepDecay
+
+    schedule = WarmupStepDecay(0.1, warmup_steps=4, decay_steps=[10, 15])
+    got = [float(schedule(s)) for s in (0, 1, 3, 4, 9, 10, 14, 15, 100)]
+    want = [0.025, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    again = WarmupStepDecay.from_config(schedule.get_config())
+    assert float(again(12)) == pytest.approx(0.01)
+    optimizer = keras.optimizers.SGD(learning_rate=schedule)
+    assert float(optimizer.learning_rate) == pytest.approx(0.025)  # step 0
+    with pytest.raises(ValueError, match="strictly increasing"):
+        WarmupStepDecay(0.1, 1, [5, 5])
