@@ -112,7 +112,7 @@ def mid_thresholds(model, x, kind="max_prob", temperature=1.0):
                                                ("entropy", 0.5)])
 def test_predictions_equal_routing_of_full_model_logits(kind, temperature):
     model = mlp_model("joint")
-    x, _ = data(70)
+    x, _ = data(64)  # 4 batches of 16: one trace per output mode.
     heads, thresholds = mid_thresholds(model, x, kind, temperature)
     fast = anytime.AnytimeModel(model, thresholds, temperature=temperature,
                                 confidence=kind)
@@ -383,48 +383,39 @@ def test_temperature_fit_minimizes_nll_and_warns_on_shared_data():
 
 # ------------------------------------------------------------ saving
 def test_keras_file_round_trip_loads_in_safe_mode(tmp_path):
-    model = mlp_model("joint", seed=3)
-    x, _ = data(40)
-    fast = anytime.AnytimeModel(model, [0.61, 0.52, 0.0], temperature=1.7,
-                                confidence="entropy")
+    model = mlp_model("joint", seed=4)
+    x, y = data(60, seed=8)
+    result = anytime.calibrate(model, (x, y), budget=70.0, temperature=1.7,
+                               confidence="entropy")
+    fast = anytime.AnytimeModel(model, result)
+    assert fast.thresholds == result.thresholds
+    assert (fast.temperature, fast.confidence) == (1.7, "entropy")
     expected = fast.predict(x, verbose=0)
     path = str(tmp_path / "anytime.keras")
     fast.save(path)
     np.save(tmp_path / "x.npy", x)
+    # A fresh process: only the registration of keras_mwbp.anytime, Keras's
+    # default safe_mode=True.
     script = (
         "import numpy as np, keras\n"
         "import keras_mwbp.anytime\n"
         f"m = keras.saving.load_model({path!r}, safe_mode=True)\n"
         "assert type(m).__name__ == 'AnytimeModel', type(m)\n"
-        "print(list(m.thresholds), m.temperature, m.confidence)\n"
-        f"np.save({str(tmp_path / 'out.npy')!r}, "
-        f"m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))\n"
+        "print(repr(list(m.thresholds)), m.temperature, m.confidence)\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, m.predict(x, verbose=0))\n"
+        f"np.save({str(tmp_path / 'exits.npy')!r}, m.exit_index(x))\n"
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                          text=True, env=env, timeout=240)
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == (
-        "[0.61, 0.52, 0.0] 1.7 entropy")
+        f"{list(result.thresholds)!r} 1.7 entropy")
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected,
                                rtol=1e-6, atol=1e-6)
-
-
-def test_round_trip_keeps_calibration_and_weights(tmp_path):
-    model = mlp_model("joint", seed=4)
-    x, y = data(60, seed=8)
-    result = anytime.calibrate(model, (x, y), budget=70.0, temperature=0.8)
-    fast = anytime.AnytimeModel(model, result)
-    assert fast.thresholds == result.thresholds
-    assert fast.temperature == 0.8
-    path = str(tmp_path / "a.keras")
-    fast.save(path)
-    loaded = keras.saving.load_model(path)
-    assert loaded.thresholds == result.thresholds
-    assert loaded.temperature == 0.8 and loaded.confidence == "max_prob"
-    np.testing.assert_array_equal(loaded.exit_index(x), fast.exit_index(x))
-    np.testing.assert_allclose(loaded.predict(x, verbose=0),
-                               fast.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_array_equal(np.load(tmp_path / "exits.npy"),
+                                  fast.exit_index(x))
 
 
 # ------------------------------------------------------------ bad input

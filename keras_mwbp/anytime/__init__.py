@@ -10,28 +10,44 @@ exits = fast.exit_index(x)                   # the exit head's index
 fast.export("served", static=False)          # TF SavedModel, tf.cond per stage
 print(anytime.format_curve(anytime.curve(model, (x_test, y_test))))
 ```
+
+The names load on first use (PEP 562), so that `keras-mwbp --help` does
+not import Keras through `keras_mwbp.anytime.cli`. `AnytimeModel` is
+registered with Keras as soon as this package is imported, if Keras is
+already imported, and otherwise when it is first used.
 """
 
-from keras_mwbp.anytime.anytime_model import AnytimeModel
-from keras_mwbp.anytime.calibration import calibrate
-from keras_mwbp.anytime.calibration import fit_temperature
-from keras_mwbp.anytime.calibration import geometric_shares
-from keras_mwbp.anytime.calibration_result import CalibrationResult
-from keras_mwbp.anytime.curve import curve
-from keras_mwbp.anytime.curve import format_curve
-from keras_mwbp.anytime.curve import plot_curve
-from keras_mwbp.anytime.routing import CONFIDENCES
-from keras_mwbp.anytime.routing import confidence
+import importlib
+import sys
 
-__all__ = [
-    "AnytimeModel",
-    "CONFIDENCES",
-    "CalibrationResult",
-    "calibrate",
-    "confidence",
-    "curve",
-    "format_curve",
-    "plot_curve",
-    "fit_temperature",
-    "geometric_shares",
-]
+# Public name -> the module that defines it.
+_NAMES = {
+    "AnytimeModel": "keras_mwbp.anytime.anytime_model",
+    "CONFIDENCES": "keras_mwbp.anytime.routing",
+    "CalibrationResult": "keras_mwbp.anytime.calibration_result",
+    "calibrate": "keras_mwbp.anytime.calibration",
+    "confidence": "keras_mwbp.anytime.routing",
+    "curve": "keras_mwbp.anytime.curve",
+    "fit_temperature": "keras_mwbp.anytime.calibration",
+    "format_curve": "keras_mwbp.anytime.curve",
+    "geometric_shares": "keras_mwbp.anytime.calibration",
+    "plot_curve": "keras_mwbp.anytime.curve",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES))
+
+
+if "keras" in sys.modules:  # Register AnytimeModel for `.keras` loading.
+    importlib.import_module("keras_mwbp.anytime.anytime_model")

@@ -2,7 +2,9 @@
 
 Registered in `keras_mwbp.cli` with `add_parser(subparsers)`; `run(args,
 parser)` does the work. TensorFlow and Keras are imported by `run`, not at
-import time.
+import time. Usage errors go through `parser.error` (exit 2, checked before
+any work); errors while running propagate to `keras_mwbp.cli.main`, which
+prints them on one line (exit 1).
 
 The data set's test split is cut in two, in a fixed order: the first part
 (`--calibration-fraction`, default half) calibrates, the rest measures the
@@ -14,7 +16,9 @@ import argparse
 import math
 import os
 
-TARGETS = ("--max-drop", "--budget", "--shares")
+# A copy of `keras_mwbp.data.DATASETS`, so that building the parser imports
+# nothing heavy (tests/test_anytime_serving.py checks that they match).
+DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "svhn_cropped")
 
 
 def _fraction(text):
@@ -51,8 +55,6 @@ def _positive_number(text):
 
 def add_parser(subparsers):
     """Adds the `calibrate` subcommand to an argparse `subparsers`."""
-    from keras_mwbp.data import DATASETS
-
     parser = subparsers.add_parser(
         "calibrate",
         help="fit anytime-prediction exit thresholds and save an "
@@ -149,22 +151,28 @@ def _arrays(dataset):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _import_keras():
+    """Keras, with TensorFlow started as quietly as the other commands."""
+    try:
+        from keras_mwbp.cli import _import_keras as quiet_import
+    except ImportError:  # pragma: no cover - keras_mwbp.cli without it.
+        import keras
+
+        return keras
+    return quiet_import()
+
+
 def run(args, parser):
     """Calibrates, prints the table, saves the AnytimeModel."""
     _check_args(args, parser)
-    import keras
-
+    keras = _import_keras()
     from keras_mwbp import anytime
     from keras_mwbp.data import load
     from keras_mwbp.report import to_csv
     from keras_mwbp.saving import save_model
 
-    try:
-        model = keras.saving.load_model(args.model, compile=False)
-        _, test, _ = load(args.dataset, data_dir=args.data_dir,
-                          augment=False)
-    except (OSError, ValueError, ImportError) as error:
-        parser.error(str(error))
+    model = keras.saving.load_model(args.model, compile=False)
+    _, test, _ = load(args.dataset, data_dir=args.data_dir, augment=False)
     x, y = _arrays(test)
     cut = int(round(len(x) * args.calibration_fraction))
     if cut < 2 or cut > len(x) - 1:
