@@ -119,6 +119,103 @@ def test_multiply_adds_depthwise_and_dense_on_sequences():
     assert count_multiply_adds(keras.Model(inputs, outputs)) == 1136
 
 
+L = keras.layers
+
+
+@pytest.mark.parametrize(
+    "input_shape, make_layer, output_shape, expected",
+    [
+        # Conv1D 3 valid, 10x4 -> 8x5: 8 * 3 * 4 * 5 = 480.
+        ((10, 4), lambda: L.Conv1D(5, 3), (8, 5), 480),
+        # Conv1D 3, stride 2, same, 10x4 -> 5x5: 5 * 3 * 4 * 5 = 300.
+        ((10, 4), lambda: L.Conv1D(5, 3, strides=2, padding="same"),
+         (5, 5), 300),
+        # Conv1D causal, 2 groups, 10x4 -> 10x6: 10 * 3 * (4/2) * 6 = 360.
+        ((10, 4), lambda: L.Conv1D(6, 3, groups=2, padding="causal"),
+         (10, 6), 360),
+        # Conv1D channels_first, 4 channels x 10 -> 5 x 8:
+        # 8 * 3 * 4 * 5 = 480 (not 10-channel, 2-position 2 * 3 * 10 * 5).
+        ((4, 10), lambda: L.Conv1D(5, 3, data_format="channels_first"),
+         (5, 8), 480),
+        # Conv2D channels_first same, 3x8x8 -> 4x8x8: 64 * 9 * 3 * 4 = 6912.
+        ((3, 8, 8),
+         lambda: L.Conv2D(4, 3, padding="same", data_format="channels_first"),
+         (4, 8, 8), 6912),
+        # Conv3D channels_first same, 2x4x4x4 -> 3x4x4x4:
+        # 64 * 27 * 2 * 3 = 10368.
+        ((2, 4, 4, 4),
+         lambda: L.Conv3D(3, 3, padding="same", data_format="channels_first"),
+         (3, 4, 4, 4), 10368),
+        # SeparableConv2D 3 valid, multiplier 2, 8x8x3 -> 6x6x6: depthwise
+        # 36 * 9 * 3 * 2 = 1944, pointwise 36 * (3 * 2) * 6 = 1296: 3240.
+        ((8, 8, 3), lambda: L.SeparableConv2D(6, 3, depth_multiplier=2),
+         (6, 6, 6), 3240),
+        # The same, channels_first: 3x8x8 -> 6x6x6, 3240.
+        ((3, 8, 8),
+         lambda: L.SeparableConv2D(6, 3, depth_multiplier=2,
+                                   data_format="channels_first"),
+         (6, 6, 6), 3240),
+        # SeparableConv1D 3 valid, 10x4 -> 8x5: depthwise 8 * 3 * 4 = 96,
+        # pointwise 8 * 4 * 5 = 160: 256.
+        ((10, 4), lambda: L.SeparableConv1D(5, 3), (8, 5), 256),
+        # DepthwiseConv1D 3 valid, 10x4 -> 8x4: 8 * 3 * 4 = 96.
+        ((10, 4), lambda: L.DepthwiseConv1D(3), (8, 4), 96),
+        # DepthwiseConv2D channels_first same, multiplier 2, 3x8x8 -> 6x8x8:
+        # 64 * 9 * 3 * 2 = 3456.
+        ((3, 8, 8),
+         lambda: L.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                   data_format="channels_first"),
+         (6, 8, 8), 3456),
+        # Conv2DTranspose 3, stride 2, same, 5x5x3 -> 10x10x4: every input
+        # position times the whole kernel: 25 * 9 * 3 * 4 = 2700 (not the
+        # output positions' 100 * 9 * 3 * 4 = 10800).
+        ((5, 5, 3),
+         lambda: L.Conv2DTranspose(4, 3, strides=2, padding="same"),
+         (10, 10, 4), 2700),
+        # The same, channels_first: 3x5x5 -> 4x10x10, 2700.
+        ((3, 5, 5),
+         lambda: L.Conv2DTranspose(4, 3, strides=2, padding="same",
+                                   data_format="channels_first"),
+         (4, 10, 10), 2700),
+        # Conv1DTranspose 3, stride 2, valid, 7x2 -> 15x3: 7 * 3 * 2 * 3 = 126.
+        ((7, 2), lambda: L.Conv1DTranspose(3, 3, strides=2), (15, 3), 126),
+    ],
+    ids=[
+        "conv1d", "conv1d_stride2_same", "conv1d_causal_groups",
+        "conv1d_channels_first", "conv2d_channels_first",
+        "conv3d_channels_first", "separable2d", "separable2d_channels_first",
+        "separable1d", "depthwise1d", "depthwise2d_channels_first",
+        "conv2d_transpose", "conv2d_transpose_channels_first",
+        "conv1d_transpose",
+    ],
+)
+def test_multiply_adds_of_each_convolution_by_hand(
+    input_shape, make_layer, output_shape, expected
+):
+    inputs = keras.Input(input_shape)
+    outputs = make_layer()(inputs)
+    assert tuple(outputs.shape[1:]) == output_shape
+    assert count_multiply_adds(keras.Model(inputs, outputs)) == expected
+
+
+def test_multiply_adds_of_a_channels_first_network_by_hand():
+    """A small channels_first network: each layer's count, summed."""
+    inputs = keras.Input((3, 8, 8))
+    x = L.Conv2D(4, 3, padding="same", data_format="channels_first")(inputs)
+    x = L.SeparableConv2D(8, 3, strides=2, padding="same",
+                          data_format="channels_first")(x)
+    x = L.Conv2DTranspose(2, 2, strides=2, data_format="channels_first")(x)
+    x = L.GlobalAveragePooling2D(data_format="channels_first")(x)
+    outputs = L.Dense(5)(x)
+    # Conv2D 3x8x8 -> 4x8x8: 64 * 9 * 3 * 4 = 6912.
+    # SeparableConv2D stride 2 -> 8x4x4: depthwise 16 * 9 * 4 = 576,
+    #   pointwise 16 * 4 * 8 = 512.
+    # Conv2DTranspose 2, stride 2, 8x4x4 -> 2x8x8: 16 * 4 * 8 * 2 = 1024.
+    # Pooling 0; Dense 2 -> 5: 10.
+    # Total 6912 + 576 + 512 + 1024 + 10 = 9034.
+    assert count_multiply_adds(keras.Model(inputs, outputs)) == 9034
+
+
 def test_multiply_adds_of_sequential_and_shared_layers():
     dense = keras.layers.Dense(4)
     inputs = keras.Input((4,))
