@@ -22,6 +22,8 @@ def conv_bn_relu(x, filters, name):
 
 
 def head(x, num_classes, name):
+    # The output is named `name`: "head_0", "head_1", ..., "final", as
+    # keras_mwbp's zoo and attach_heads name them (see keras_mwbp.heads).
     x = layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
     return layers.Dense(num_classes, name=name)(x)
 
@@ -31,12 +33,12 @@ def build(num_classes=10):
     x = conv_bn_relu(inputs, 16, "stem")
     y = conv_bn_relu(x, 16, "block1a")
     x = layers.Add(name="block1_add")([x, conv_bn_relu(y, 16, "block1b")])
-    aux_0 = head(x, num_classes, "aux_0")
+    head_0 = head(x, num_classes, "head_0")
     x = conv_bn_relu(x, 32, "block2")
-    aux_1 = head(x, num_classes, "aux_1")
+    head_1 = head(x, num_classes, "head_1")
     x = conv_bn_relu(x, 64, "block3")
     final = head(x, num_classes, "final")
-    return keras_mwbp.MultiWayModel(inputs, [aux_0, aux_1, final],
+    return keras_mwbp.MultiWayModel(inputs, [head_0, head_1, final],
                                     method="mwbp", nu=2.0)
 
 
@@ -55,8 +57,8 @@ def main():
     results = model.evaluate(x_test, y_test, return_dict=True, verbose=0)
     for name in model.output_names:
         print(f"{name}: test accuracy {results[f'{name}_accuracy']:.4f}")
-    model.exit_model(0).save("aux_0.keras")  # loads with plain Keras
-    print("saved the shallowest intermediate model to aux_0.keras")
+    model.exit_model(0).save("head_0.keras")  # loads with plain Keras
+    print("saved the shallowest intermediate model to head_0.keras")
 
 
 if __name__ == "__main__":

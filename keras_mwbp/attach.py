@@ -42,7 +42,8 @@ def attach_heads(
     head) and its logits pass through an `Identity` layer named `"head_{i}"`
     (`"final"`), so the model's outputs, in this order from the shallowest
     head to the final one, are named `head_0, ..., head_{K-1}, final` and
-    `fit()` logs `head_0_loss, ..., final_loss`.
+    `fit()` logs `head_0_loss, ..., final_loss`: the naming convention of
+    every keras_mwbp model (see `keras_mwbp.heads`), the zoo's included.
 
     Args:
         backbone: A functional `keras.Model` (e.g.
@@ -173,7 +174,7 @@ def _head(builder, argument, x, num_classes, name):
             f"is given. Received: {argument}={builder!r}, whose logits for "
             f"head {name!r} ({logits!r}) do not depend on that feature"
         )
-    return keras.layers.Identity(name=name)(logits)
+    return head_builders.output_name(logits, name)
 
 
 def _check_taps(backbone, taps, num_losses):

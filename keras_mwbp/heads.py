@@ -2,11 +2,43 @@
 
 Each builder takes a feature tensor, usually 4D `(batch, height, width,
 channels)` (rank 3 and 5 feature maps and rank 2 feature vectors work too),
-and returns logits. Its layers are named `"{name}_..."`; the last one, and so the
-model output, is `"{name}_dense"`.
+and returns logits. Its layers are named `"{name}_..."`; the last one is
+`"{name}_dense"`.
+
+Naming convention of keras_mwbp's models: the outputs of a model built by
+the zoo (`keras_mwbp.models`) or by `keras_mwbp.attach_heads` are named
+`"head_0", ..., "head_{K-1}"` for the auxiliary heads, shallowest first, and
+`"final"` for the final head (`output_name(logits, name)` gives a head's
+logits that name), so `fit()` logs `head_0_loss`, ..., `final_loss`,
+`val_final_accuracy`, and callbacks monitor the same keys whichever way the
+model was built.
 """
 
 from keras import layers
+
+from keras_mwbp.graph import producing_node
+
+FINAL_HEAD = "final"
+
+
+def output_name(logits, name):
+    """`logits`, as the output of a layer named `name`.
+
+    A head's logits pass through an `Identity` layer named `name` (unless
+    the layer that computed them is already called so), so the model
+    output and its log keys are `name`, e.g. `"head_0"` or `"final"`.
+
+    Args:
+        logits: Symbolic logits tensor of a head.
+        name: The head's output name.
+
+    Returns:
+        A symbolic tensor equal to `logits`.
+    """
+    node = producing_node(logits)
+    if node is not None and node.operation.name == name:
+        return logits
+    return layers.Identity(name=name)(logits)
 
 
 def batch_normalization(name):

@@ -6,9 +6,11 @@ import keras
 import numpy as np
 
 from keras_mwbp import _compat
+from keras_mwbp import compile_checks
 from keras_mwbp import data_order
 from keras_mwbp import weighting as loss_weights
 from keras_mwbp.backend import tensorflow as backend_step
+from keras_mwbp.callbacks.progbar_logger import ProgbarLogger
 from keras_mwbp.graph import HeadGraph
 from keras_mwbp.graph import check_outputs_depend_on_inputs
 from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
@@ -289,11 +291,38 @@ class MultiWayModel(keras.Model):
                 f"Received: index={index}"
             )
         index %= self.num_heads
+        # One input is passed as a tensor, not a list of one, so that the
+        # exit model (its `export()`ed `serve` endpoint included) takes a
+        # tensor, as a one-input Keras model does.
+        inputs = self.inputs[0] if len(self.inputs) == 1 else self.inputs
         return keras.Model(
-            self.inputs,
+            inputs,
             self.outputs[index],
             name=f"{self.name}_exit_{self.output_names[index]}",
         )
+
+    def _run_through_graph(self, inputs, *args, **kwargs):
+        """Refuses `keras.models.clone_model`, runs the graph otherwise.
+
+        Keras's `clone_model` rebuilds a functional subclass whose
+        constructor differs from `keras.Model`'s as a plain `Functional`
+        model (no method, loss weights or per-head losses; `fit` then fails
+        on the label structure). It is the only caller of this (private)
+        method that passes `call_fn` with symbolic inputs.
+        """
+        if "call_fn" in kwargs and all(
+            isinstance(x, keras.KerasTensor) for x in keras.tree.flatten(inputs)
+        ):
+            raise ValueError(
+                "`keras.models.clone_model` cannot clone a MultiWayModel: "
+                "Keras would rebuild it as a plain Functional model, without "
+                "its method, loss weights and per-head losses. For a copy "
+                "with the same configuration and new weights, use "
+                "`keras_mwbp.MultiWayModel.from_config(model.get_config())` "
+                "(then `copy.set_weights(model.get_weights())` for the same "
+                f"weights). Received: model {self.name!r}"
+            )
+        return super()._run_through_graph(inputs, *args, **kwargs)
 
     # --------------------------------------------------------------- compile
     @_compat.tracking.no_automatic_dependency_tracking
@@ -386,6 +415,7 @@ class MultiWayModel(keras.Model):
                 else:
                     self.__dict__[name] = value
             raise
+        compile_checks.warn_if_logits_meet_probability_losses(self, head_losses)
 
     def compile_from_config(self, config):
         config = _compat.serialization_lib.deserialize_keras_object(config)
@@ -501,6 +531,9 @@ class MultiWayModel(keras.Model):
             )
             y = sample_weight = batch_size = None
             shuffle = False
+        if not _shuffle_applies(x):
+            shuffle = False  # Keras would ignore it, with a warning.
+        callbacks = _with_progbar(callbacks, verbose)
         return super().fit(
             x=x,
             y=y,
@@ -884,7 +917,7 @@ class MultiWayModel(keras.Model):
         per_head = self._per_head(metrics, argument)
         if per_head is not None:
             return _checked_metrics(
-                [list(m or []) for m in per_head], argument, metrics
+                [_metric_list(m) for m in per_head], argument, metrics
             )
         if not isinstance(metrics, (list, tuple)):
             raise ValueError(
@@ -1086,6 +1119,31 @@ def _check_relay_span(relay_span):
         )
 
 
+def _shuffle_applies(x):
+    """Whether `fit(shuffle=...)` means anything for data `x` (it does not
+    for datasets and generators, which are used as given)."""
+    if _compat.data_adapters.is_tf_dataset(x) or isinstance(
+        x, types.GeneratorType
+    ):
+        return False
+    return not (
+        isinstance(x, keras.utils.PyDataset)
+        and getattr(x, "num_batches", None) is None
+    )
+
+
+def _with_progbar(callbacks, verbose):
+    """`callbacks` with a `keras_mwbp.callbacks.ProgbarLogger` added, unless
+    it holds a `keras.callbacks.ProgbarLogger` (or is a `CallbackList`,
+    which Keras uses as it is) or `verbose` is 0."""
+    if verbose == 0 or isinstance(callbacks, keras.callbacks.CallbackList):
+        return callbacks
+    callbacks = keras.tree.flatten(callbacks) if callbacks else []
+    if any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+        return callbacks
+    return callbacks + [ProgbarLogger()]
+
+
 def _as_list(callbacks):
     """The callbacks of `callbacks` (None, a list or a `CallbackList`)."""
     if isinstance(callbacks, keras.callbacks.CallbackList):
@@ -1145,6 +1203,17 @@ def _loss_object(identifier):
 
 # Names `CompileMetrics` resolves from the labels' and outputs' shapes.
 _SHAPE_DEPENDENT_METRICS = ("accuracy", "acc", "crossentropy", "ce")
+
+
+def _metric_list(metrics):
+    """One head's entry of a `metrics` dict as a list: a list or tuple of
+    metrics, a single metric (name, object or callable) or None, as in
+    `keras.Model.compile`."""
+    if metrics is None:
+        return []
+    if isinstance(metrics, (list, tuple)):
+        return list(metrics)
+    return [metrics]
 
 
 def _checked_metrics(per_head, argument, received):

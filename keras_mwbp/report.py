@@ -511,9 +511,11 @@ def _plain(value):
 def plot_history(history, path, metric="accuracy", output_names=None):
     """Plots each head's error (1 - metric) over epochs and saves a PNG.
 
-    One color per head; training error solid, validation error (the
-    `val_` keys, when present) dashed. Drawn with Matplotlib's Agg canvas,
-    without pyplot, so no display or global backend is needed.
+    One color per head; training error solid with round markers,
+    validation error (the `val_` keys, when present) dashed with square
+    markers (a one-epoch history draws one marker per line). Drawn with
+    Matplotlib's Agg canvas, without pyplot, so no display or global
+    backend is needed.
 
     Args:
         history: A `keras.callbacks.History` (as returned by `fit`) or its
@@ -561,15 +563,18 @@ def plot_history(history, path, metric="accuracy", output_names=None):
     colors = [f"C{i % 10}" for i in range(len(names))]
     for name, color in zip(names, colors):
         key = f"{name}_{metric}" if name else metric
-        for prefix, style, label in (("", "-", "train"), ("val_", "--", "val")):
+        for prefix, style, marker, label in (
+            ("", "-", "o", "train"), ("val_", "--", "s", "val")
+        ):
             values = logs.get(prefix + key)
             if values is None:
                 continue
             errors = 1.0 - np.asarray(values, dtype="float64")
             epochs = np.arange(1, len(errors) + 1)
+            # Markers: a one-epoch history is one point per line.
             axes.plot(
-                epochs, errors, style, color=color,
-                label=f"{name or 'model'} ({label})",
+                epochs, errors, style, color=color, marker=marker,
+                markersize=4, label=f"{name or 'model'} ({label})",
             )
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")

@@ -17,9 +17,9 @@ from keras_mwbp.cli import main
 # 2 * (2304 + 64); block 2 4608 + 9216 + 512 + 3 * 128; block 3
 # 18432 + 36864 + 2048 + 3 * 256; heads BN 4c + dense 10c + 10.
 RESNET8_ROWS = [
-    ("0", "head_0_dense", "3", "5,178"),  # 208 + 4736 + 234
-    ("1", "head_1_dense", "5", "20,122"),  # 208 + 4736 + 14720 + 458
-    ("2", "final_dense", "8", "78,426"),  # 208 + 4736 + 14720 + 58112 + 650
+    ("0", "head_0", "3", "5,178"),  # 208 + 4736 + 234
+    ("1", "head_1", "5", "20,122"),  # 208 + 4736 + 14720 + 458
+    ("2", "final", "8", "78,426"),  # 208 + 4736 + 14720 + 58112 + 650
 ]
 ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+(\d+)\s+([\d,]+)\s+([\d.]+)%$")
 
@@ -74,7 +74,7 @@ def test_train_other_methods(method, capsys):
     rows = table_rows(capsys.readouterr().out)
     # 3 blocks // 2 = 1: the head sits on block 2.
     assert [cells[:3] for cells, _ in rows] == [
-        ("0", "head_0_dense", "5"), ("1", "final_dense", "8"),
+        ("0", "head_0", "5"), ("1", "final", "8"),
     ]
 
 
@@ -221,7 +221,7 @@ def test_train_writes_checkpoint_logs_and_report(tmp_path, capsys):
     assert (out / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((out / "logs").rglob("events.out.tfevents.*"))
     rows = table_rows(capsys.readouterr().out)
-    assert [cells[1] for cells, _ in rows] == ["head_0_dense", "final_dense"]
+    assert [cells[1] for cells, _ in rows] == ["head_0", "final"]
 
 
 def test_train_on_mnist1d_signals(capsys):

@@ -45,7 +45,7 @@ def test_resnet_sizes_match_he_et_al(depth, expected, paper):
     model = cifar_resnet(depth, method="standard")
     assert trainable_params(model) == expected
     assert abs(expected - paper) / paper < 0.02
-    assert model.output_names == ["final_dense"]
+    assert model.output_names == ["final"]
     assert model.head_depths == (depth,)
 
 
@@ -59,8 +59,8 @@ def test_resnet56_5_heads_sit_at_the_papers_layers(resnet56_5):
     # 27, i.e. after blocks 7, 12, 17, 22, at depth 2 * b + 1.
     assert resnet56_5.head_depths == (15, 25, 35, 45, 56)
     assert resnet56_5.output_names == [
-        "head_0_dense", "head_1_dense", "head_2_dense", "head_3_dense",
-        "final_dense",
+        "head_0", "head_1", "head_2", "head_3",
+        "final",
     ]
     # Eq. 5: (L_i / 45) ** 2.
     np.testing.assert_allclose(
@@ -150,7 +150,7 @@ def test_custom_head_and_classes():
 
 def test_single_loss_model_trains_with_standard():
     model = cifar_resnet(8, input_shape=(8, 8, 1), method="standard")
-    assert model.output_names == ["final_dense"]
+    assert model.output_names == ["final"]
     assert isinstance(model.exit_model(0), keras.Model)
 
 

@@ -64,7 +64,7 @@ def test_sizes_match_literature(build, expected, reference, tolerance):
     count = trainable_params(model)
     assert count == expected
     assert abs(count - reference) / reference < tolerance
-    assert model.output_names == ["final_dense"]
+    assert model.output_names == ["final"]
 
 
 def test_densenet_bc_100_rounds_to_papers_0_8m():
@@ -83,7 +83,7 @@ TINY = {
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_one_mwbp_training_step_gives_per_head_logs(family):
     model = TINY[family](num_classes=5, num_losses=3, method="mwbp")
-    assert model.output_names == ["head_0_dense", "head_1_dense", "final_dense"]
+    assert model.output_names == ["head_0", "head_1", "final"]
     depths = model.head_depths
     assert len(depths) == 3 and list(depths) == sorted(set(depths))
     model.compile(

@@ -10,8 +10,10 @@ blocks) lies `2 * b + 1` weight layers deep.
 
 from keras import layers
 
+from keras_mwbp.heads import FINAL_HEAD
 from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
+from keras_mwbp.heads import output_name
 from keras_mwbp.heads import pool_dense
 from keras_mwbp.multi_way_model import MultiWayModel
 
@@ -144,13 +146,13 @@ def cifar_resnet(
         method: Training method of `keras_mwbp.MultiWayModel`.
         nu: Decay rate of the loss weights (paper Eq. 5).
         head: Auxiliary head builder `head(x, num_classes, name)` returning
-            logits, with its last layer named `"{name}_dense"`. Defaults to
+            logits, with its layers named `"{name}_..."`. Defaults to
             `keras_mwbp.heads.bn_relu_pool_dense` (type A). The final head is
             always `pool_dense`, the ResNet classifier.
 
     Returns:
         An uncompiled `keras_mwbp.MultiWayModel` whose outputs are
-        `"head_0_dense", ..., "final_dense"`.
+        `"head_0", ..., "final"` (see `keras_mwbp.heads`).
 
     Example:
 
@@ -187,10 +189,15 @@ def cifar_resnet(
     inputs = layers.Input(shape=input_shape, name="image")
     block_outputs = apply_trunk(inputs, CIFAR_RESNET_PRESETS[depth])
     outputs = [
-        head(block_outputs[block - 1], num_classes, f"head_{index}")
+        output_name(
+            head(block_outputs[block - 1], num_classes, f"head_{index}"),
+            f"head_{index}",
+        )
         for index, block in enumerate(taps)
     ]
-    outputs.append(pool_dense(block_outputs[-1], num_classes, "final"))
+    outputs.append(output_name(
+        pool_dense(block_outputs[-1], num_classes, FINAL_HEAD), FINAL_HEAD
+    ))
     return MultiWayModel(
         inputs=inputs,
         outputs=outputs,

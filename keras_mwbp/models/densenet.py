@@ -83,13 +83,13 @@ def densenet_bc(
         method: Training method of `keras_mwbp.MultiWayModel`.
         nu: Decay rate of the loss weights (paper Eq. 5).
         head: Auxiliary head builder `head(x, num_classes, name)` returning
-            logits, its last layer named `"{name}_dense"`. Defaults to
+            logits, its layers named `"{name}_..."`. Defaults to
             `keras_mwbp.heads.bn_relu_pool_dense` (type A). The final head is
             always BN -> ReLU -> pool -> dense.
 
     Returns:
         An uncompiled `keras_mwbp.MultiWayModel` whose outputs are
-        `"head_0_dense", ..., "final_dense"`.
+        `"head_0", ..., "final"` (see `keras_mwbp.heads`).
 
     Example:
 

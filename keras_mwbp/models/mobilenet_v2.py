@@ -95,20 +95,20 @@ def cifar_mobilenet_v2(
         method: Training method of `keras_mwbp.MultiWayModel`.
         nu: Decay rate of the loss weights (paper Eq. 5).
         head: Auxiliary head builder `head(x, num_classes, name)` returning
-            logits, its last layer named `"{name}_dense"`. Defaults to
+            logits, its layers named `"{name}_..."`. Defaults to
             `keras_mwbp.heads.bn_relu_pool_dense` (type A). The final head is
             the 1x1 convolution to 1280 channels -> BN -> ReLU, then
             `pool_dense`.
 
     Returns:
         An uncompiled `keras_mwbp.MultiWayModel` whose outputs are
-        `"head_0_dense", ..., "final_dense"`.
+        `"head_0", ..., "final"` (see `keras_mwbp.heads`).
 
     Example:
 
     >>> model = cifar_mobilenet_v2(num_classes=100, num_losses=3)
     >>> model.output_names
-    ['head_0_dense', 'head_1_dense', 'final_dense']
+    ['head_0', 'head_1', 'final']
     """
     num_blocks = sum(row[2] for row in MOBILENET_V2_CIFAR_CONFIG)
     taps = check_heads(num_losses, taps, num_blocks, "MobileNetV2")

@@ -156,19 +156,19 @@ def preact_resnet(
         method: Training method of `keras_mwbp.MultiWayModel`.
         nu: Decay rate of the loss weights (paper Eq. 5).
         head: Auxiliary head builder `head(x, num_classes, name)` returning
-            logits, its last layer named `"{name}_dense"`. Defaults to
+            logits, its layers named `"{name}_..."`. Defaults to
             `keras_mwbp.heads.bn_relu_pool_dense` (type A). The final head is
             always BN -> ReLU -> pool -> dense, the network's own classifier.
 
     Returns:
         An uncompiled `keras_mwbp.MultiWayModel` whose outputs are
-        `"head_0_dense", ..., "final_dense"`.
+        `"head_0", ..., "final"` (see `keras_mwbp.heads`).
 
     Example:
 
     >>> model = preact_resnet(110, num_losses=3)
     >>> model.output_names
-    ['head_0_dense', 'head_1_dense', 'final_dense']
+    ['head_0', 'head_1', 'final']
     """
     if is_bad_key(depth, PREACT_RESNET_PRESETS):
         raise ValueError(

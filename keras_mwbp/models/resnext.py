@@ -80,19 +80,19 @@ def resnext29(
         method: Training method of `keras_mwbp.MultiWayModel`.
         nu: Decay rate of the loss weights (paper Eq. 5).
         head: Auxiliary head builder `head(x, num_classes, name)` returning
-            logits, its last layer named `"{name}_dense"`. Defaults to
+            logits, its layers named `"{name}_..."`. Defaults to
             `keras_mwbp.heads.bn_relu_pool_dense` (type A). The final head is
             always `pool_dense`.
 
     Returns:
         An uncompiled `keras_mwbp.MultiWayModel` whose outputs are
-        `"head_0_dense", ..., "final_dense"`.
+        `"head_0", ..., "final"` (see `keras_mwbp.heads`).
 
     Example:
 
     >>> model = resnext29(8, 64, num_losses=3)  # ResNeXt-29 8x64d
     >>> model.output_names
-    ['head_0_dense', 'head_1_dense', 'final_dense']
+    ['head_0', 'head_1', 'final']
     """
     check_positive_int(cardinality, "cardinality")
     check_positive_int(bottleneck_width, "bottleneck_width")

@@ -7,8 +7,10 @@ the outputs of chosen blocks, the final head on the trunk's last feature map.
 
 from keras import layers
 
+from keras_mwbp.heads import FINAL_HEAD
 from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
+from keras_mwbp.heads import output_name
 from keras_mwbp.models.cifar_resnet import apply_conv  # noqa: F401 (re-export)
 from keras_mwbp.models.cifar_resnet import check_taps
 from keras_mwbp.models.cifar_resnet import official_taps
@@ -75,7 +77,7 @@ def multiway_model(
     Args:
         inputs: Input tensor.
         block_outputs: Output of every block, first to last.
-        final_logits: Logits of the final head (layer `"final_dense"`).
+        final_logits: Logits of the final head.
         taps: 1-based indices of the blocks carrying auxiliary heads.
         num_classes: Number of classes of every head.
         head: Auxiliary head builder, or `None` for type A
@@ -85,15 +87,18 @@ def multiway_model(
         name: Model name.
 
     Returns:
-        An uncompiled `MultiWayModel` with outputs `"head_0_dense", ...,
-        "final_dense"`.
+        An uncompiled `MultiWayModel` with outputs `"head_0", ...,
+        "final"` (the naming convention of `keras_mwbp.heads`).
     """
     head = head or bn_relu_pool_dense
     outputs = [
-        head(block_outputs[block - 1], num_classes, f"head_{index}")
+        output_name(
+            head(block_outputs[block - 1], num_classes, f"head_{index}"),
+            f"head_{index}",
+        )
         for index, block in enumerate(taps)
     ]
-    outputs.append(final_logits)
+    outputs.append(output_name(final_logits, FINAL_HEAD))
     return MultiWayModel(
         inputs=inputs, outputs=outputs, method=method, nu=nu, name=name
     )
