@@ -40,6 +40,13 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         num_losses: Number of inner optimizers (one per loss updated with
             its own optimizer).
         name: Optional name.
+        loss_scale: `None` (no loss scaling), `True`, or a dict of
+            `initial_scale` (default `2**15`) and `dynamic_growth_steps`
+            (default 2000): each inner optimizer is then a
+            `keras.optimizers.LossScaleOptimizer` with its own dynamic
+            scale, so every loss's backward pass is scaled and checked on
+            its own (see `loss_scales()`). A template that is a
+            `LossScaleOptimizer` turns it on with its options.
 
     Example:
 
@@ -49,7 +56,9 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     3
     """
 
-    def __init__(self, optimizer, num_losses, name=None, **kwargs):
+    def __init__(
+        self, optimizer, num_losses, name=None, loss_scale=None, **kwargs
+    ):
         if not isinstance(optimizer, (str, dict, keras.optimizers.Optimizer)):
             raise TypeError(
                 "`optimizer` must be a Keras optimizer. "
@@ -69,7 +78,15 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
                 f"Received: optimizer={optimizer!r}"
             ) from None
         if isinstance(template, MultiWayOptimizer):
+            loss_scale = loss_scale or template.loss_scale
             template = template.template
+        if isinstance(template, keras.optimizers.LossScaleOptimizer):
+            loss_scale = loss_scale or {
+                "initial_scale": template.initial_scale,
+                "dynamic_growth_steps": template.dynamic_growth_steps,
+            }
+            template = template.inner_optimizer
+        loss_scale = _check_loss_scale(loss_scale)
         if (
             isinstance(num_losses, bool)
             or not isinstance(num_losses, int)
@@ -85,18 +102,31 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         # The container owns the one learning rate (a variable, or the
         # template's schedule) that every inner optimizer reads.
         super().__init__(learning_rate=rate, name=name, **kwargs)
+        # (Items, not a dict: Keras's tracking would wrap a dict.)
+        self._loss_scale = (
+            None if loss_scale is None else tuple(loss_scale.items())
+        )
         config = template.get_config()
         self.template = template.__class__.from_config(config)
-        self._inner = tuple(
+        inner = [
             template.__class__.from_config(
                 dict(config, name=f"{config['name']}_loss_{i}")
             )
             for i in range(num_losses)
-        )
-        for inner in self._inner:
+        ]
+        for optimizer in inner:
             _compat.share_learning_rate(
-                inner, _compat.learning_rate_object(self)
+                optimizer, _compat.learning_rate_object(self)
             )
+        if self.loss_scale is not None:
+            inner = [
+                keras.optimizers.LossScaleOptimizer(
+                    optimizer, name=f"{optimizer.name}_scaled",
+                    **self.loss_scale,
+                )
+                for optimizer in inner
+            ]
+        self._inner = tuple(inner)
         self._groups = None
 
     @property
@@ -114,6 +144,12 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         return len(self._inner)
 
     @property
+    def loss_scale(self):
+        """`None`, or the dynamic loss scaling options of every loss's
+        `LossScaleOptimizer` (`initial_scale`, `dynamic_growth_steps`)."""
+        return None if self._loss_scale is None else dict(self._loss_scale)
+
+    @property
     def learning_rate(self):
         return keras.optimizers.Optimizer.learning_rate.fget(self)
 
@@ -125,8 +161,22 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         keras.optimizers.Optimizer.learning_rate.fset(self, learning_rate)
         for inner in self._inner:
             _compat.share_learning_rate(
-                inner, _compat.learning_rate_object(self)
+                getattr(inner, "inner_optimizer", inner),
+                _compat.learning_rate_object(self),
             )
+
+    def loss_scales(self):
+        """The dynamic loss scale of each inner optimizer (tensors), or
+        `None` without loss scaling. The step multiplies loss i by scale i
+        before its backward pass; loss i's `LossScaleOptimizer` divides the
+        gradients by it, and skips the update and halves the scale when they
+        are not finite."""
+        if self.loss_scale is None:
+            return None
+        return [
+            keras.ops.convert_to_tensor(inner.scale_loss(1.0))
+            for inner in self._inner
+        ]
 
     @tracking.no_automatic_dependency_tracking
     def set_variable_groups(self, groups, variables=None):
@@ -220,7 +270,9 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         rate is the first inner optimizer's: the one `learning_rate`
         showed)."""
         values = [store[str(i)] for i in range(len(store.keys()))]
-        shared = isinstance(_compat.learning_rate_object(self), keras.Variable)
+        shared = self.loss_scale is None and isinstance(
+            _compat.learning_rate_object(self), keras.Variable
+        )
         old_length = len(self.variables) + self.num_losses - 1
         if (
             not shared
@@ -248,6 +300,7 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.template),
             "num_losses": self.num_losses,
+            "loss_scale": self.loss_scale,
         }
 
     @classmethod
@@ -257,3 +310,33 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
             config["optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _check_loss_scale(loss_scale):
+    """`None`, or the dynamic loss scaling options (those of
+    `keras.optimizers.LossScaleOptimizer`) with their defaults."""
+    if loss_scale is None:
+        return None
+    if loss_scale is True:
+        loss_scale = {}
+    options = {"initial_scale": 2.0**15, "dynamic_growth_steps": 2000}
+    if not isinstance(loss_scale, dict) or set(loss_scale) - set(options):
+        raise ValueError(
+            "`loss_scale` must be None, True or a dict with keys "
+            f"{sorted(options)}. Received: loss_scale={loss_scale!r}"
+        )
+    options.update(loss_scale)
+    scale, steps = options["initial_scale"], options["dynamic_growth_steps"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+        scale > 0
+    ):
+        raise ValueError(
+            "`loss_scale['initial_scale']` must be a positive number. "
+            f"Received: loss_scale={loss_scale!r}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            "`loss_scale['dynamic_growth_steps']` must be a positive integer. "
+            f"Received: loss_scale={loss_scale!r}"
+        )
+    return {"initial_scale": float(scale), "dynamic_growth_steps": steps}
