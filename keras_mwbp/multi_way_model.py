@@ -1,5 +1,6 @@
 """`MultiWayModel`: a functional Keras model trained with Multi-way BP."""
 
+import re
 import types
 
 import keras
@@ -1198,7 +1199,9 @@ def _loss_object(identifier):
         ) from None
     if isinstance(loss, keras.losses.Loss):
         return loss
-    return _compat.LossFunctionWrapper(loss, name=loss.__name__)
+    # A name TensorFlow accepts as a name scope ("<lambda>", "_loss" fail).
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(loss, "__name__", ""))
+    return _compat.LossFunctionWrapper(loss, name=name.lstrip("_.-") or "loss")
 
 
 # Names `CompileMetrics` resolves from the labels' and outputs' shapes.
