@@ -514,3 +514,36 @@ def test_bad_anytime_model_arguments():
     fast = anytime.AnytimeModel(model, [0.5] * 3)
     with pytest.raises(ValueError, match=r"inference only.*training=True"):
         fast(data(4)[0], training=True)
+
+
+# ------------------------------------------------------------ JAX
+def test_jax_backend_routes_exactly_and_loads_the_file(tmp_path):
+    pytest.importorskip("jax")
+    model = mlp_model("joint", seed=6)
+    x, _ = data(70, seed=11)
+    heads, thresholds = mid_thresholds(model, x)
+    exits = np_route(heads, thresholds)
+    assert set(exits) == {0, 1, 2}
+    fast = anytime.AnytimeModel(model, thresholds)
+    path = str(tmp_path / "anytime.keras")
+    fast.save(path)  # Saved with TensorFlow, run with JAX.
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import numpy as np, keras\n"
+        "import keras_mwbp.anytime\n"
+        "assert keras.backend.backend() == 'jax'\n"
+        f"m = keras.saving.load_model({path!r})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"np.save({str(tmp_path / 'logits.npy')!r}, "
+        "m.predict(x, batch_size=32, verbose=0))\n"
+        f"np.save({str(tmp_path / 'exits.npy')!r}, "
+        "m.exit_index(x, batch_size=32))\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "exits.npy"), exits)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "logits.npy"),
+        np.stack(heads)[exits, np.arange(len(x))], rtol=1e-5, atol=1e-5)

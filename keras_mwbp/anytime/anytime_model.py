@@ -112,6 +112,10 @@ class AnytimeModel(keras.Model):
             The exit head's logits `(batch, num_classes)` and the exit head
             of each sample `(batch,)` (int32), in input order.
         """
+        if keras.backend.backend() == "jax":
+            return self._plan.run_routed_jax(
+                inputs, self.thresholds, self.temperature, self.confidence
+            )
         return self._plan.run_routed(
             inputs, self.thresholds, self.temperature, self.confidence
         )
@@ -146,6 +150,15 @@ class AnytimeModel(keras.Model):
             "logits", x, batch_size, verbose, steps, callbacks
         )
 
+    def predict_on_batch(self, x):
+        """The exit head's logits of one batch (NumPy)."""
+        if keras.backend.backend() != "tensorflow":
+            return self._eager_predict("logits", x, len(keras.tree.flatten(
+                x)[0]))
+        self._output_mode = "logits"
+        self.make_predict_function()
+        return super().predict_on_batch(x)
+
     def exit_index(self, x, batch_size=None, verbose=0, steps=None):
         """Per sample, the index of the head it exits at.
 
@@ -163,6 +176,11 @@ class AnytimeModel(keras.Model):
         ).astype("int64")
 
     def _predict_mode(self, mode, x, batch_size, verbose, steps, callbacks):
+        if keras.backend.backend() != "tensorflow":
+            # JAX compiles `predict_step` whole with static shapes, which the
+            # data-dependent gathers cannot have: route batch by batch,
+            # eagerly.
+            return self._eager_predict(mode, x, batch_size or 32)
         self._output_mode = mode
         self.make_predict_function()
         try:
@@ -211,6 +229,30 @@ class AnytimeModel(keras.Model):
             '`format` must be "tf_saved_model" or "tflite". Received: '
             f"format={format!r}"
         )
+
+    def _eager_predict(self, mode, x, batch_size):
+        pick = 1 if mode == "exit_index" else 0
+        if hasattr(x, "element_spec") or not isinstance(
+            x, (np.ndarray, list, tuple)
+        ) and not hasattr(x, "shape"):
+            batches = (
+                keras.utils.unpack_x_y_sample_weight(element)[0]
+                for element in x
+            )
+        else:
+            flat = keras.tree.flatten(x)
+            size = len(flat[0])
+            batches = (
+                keras.tree.map_structure(
+                    lambda a: a[start:start + batch_size], x
+                )
+                for start in range(0, size, batch_size)
+            )
+        outputs = [
+            np.asarray(keras.ops.convert_to_numpy(self.route(batch)[pick]))
+            for batch in batches
+        ]
+        return np.concatenate(outputs)
 
     def get_config(self):
         return {

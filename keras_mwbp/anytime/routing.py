@@ -316,6 +316,78 @@ class ExitPlan:
             for a, b in zip(out, rest)
         )
 
+    def run_routed_jax(self, inputs, thresholds, temperature, kind):
+        """`run_routed` for the JAX backend, each segment compiled.
+
+        JAX compiles for static shapes, so each segment is a `jax.jit`
+        function (the model's variables passed in, through a
+        `keras.StatelessScope`) that also returns which samples exit; the
+        gathers happen between segments, and each gathered batch is padded
+        to the next power of two so that few shapes are compiled.
+
+        Returns:
+            `(logits, exit_index)` as NumPy arrays, in input order.
+        """
+        import jax.numpy as jnp
+
+        flat = keras.tree.flatten(inputs)
+        n = int(flat[0].shape[0])
+        variables = list(self.model.variables)
+        state = [v.value for v in variables]
+        positions = np.arange(n)
+        pad = _padded(positions, n)
+        live = {
+            id(x): jnp.take(jnp.asarray(y), pad, axis=0)
+            for x, y in zip(self.model.inputs, flat)
+        }
+        out_logits = np.zeros((n, self.num_classes), "float32")
+        out_exit = np.zeros((n,), "int32")
+        for s in range(self.num_heads):
+            step = self._jax_segment(s, variables, tuple(thresholds),
+                                     float(temperature), kind)
+            logits, decided, live = step(state, live)
+            count = len(positions)
+            logits = np.asarray(logits)[:count]
+            decided = np.asarray(decided)[:count]
+            taken = np.flatnonzero(decided)
+            out_logits[positions[taken]] = logits[taken]
+            out_exit[positions[taken]] = s
+            left = np.flatnonzero(~decided)
+            if not len(left):
+                break
+            positions = positions[left]
+            pad = _padded(left, len(left))
+            live = {k: jnp.take(v, pad, axis=0) for k, v in live.items()}
+        return out_logits, out_exit
+
+    def _jax_segment(self, s, variables, thresholds, temperature, kind):
+        import jax
+
+        key = (s, thresholds, temperature, kind,
+               tuple(id(v) for v in variables))
+        cache = self.__dict__.setdefault("_jax_cache", {})
+        if key in cache:
+            return cache[key]
+        last = s == self.num_heads - 1
+        keep = () if last else tuple(sorted(self.live_after[s]))
+
+        def step(state, live):
+            with keras.StatelessScope(
+                state_mapping=list(zip(variables, state))
+            ):
+                values = dict(live)
+                logits = self.run_segment(s, values)
+                if last:
+                    decided = ops.ones(ops.shape(logits)[:1], "bool")
+                else:
+                    decided = ops.greater_equal(
+                        confidence(logits, temperature, kind), thresholds[s]
+                    )
+                return logits, decided, {k: values[k] for k in keep}
+
+        cache[key] = jax.jit(step)
+        return cache[key]
+
     def run_static(self, inputs, thresholds, temperature, kind):
         """Every head on every sample, then the routing rule by selection.
 
@@ -334,6 +406,14 @@ class ExitPlan:
             logits = ops.where(decided[:, None], heads[s], logits)
             exit_index = ops.where(decided, s, exit_index)
         return logits, ops.cast(exit_index, "int32")
+
+
+def _padded(indices, count):
+    """`indices` padded with 0s to the next power of two >= `count`."""
+    size = 1 << max(int(count) - 1, 0).bit_length()
+    return np.concatenate(
+        [indices, np.zeros(size - len(indices), dtype=indices.dtype)]
+    ).astype("int32")
 
 
 def _where(mask):
