@@ -216,6 +216,9 @@ def build_parser():
     report.add_argument("--csv", help="also write the table to this CSV file")
     report.add_argument("--json", help="also write the table to this JSON file")
     report.set_defaults(run=run_report, parser=report)
+    from keras_mwbp.anytime import cli as anytime_cli  # Imports no Keras.
+
+    anytime_cli.add_parser(commands)
     return parser
 
 
