@@ -232,8 +232,8 @@ def _fused_batch_norm_applies(node, args, kwargs):
         and x.shape.rank == 4
         and x.dtype == tf.float32
         and layer.axis in (-1, 3)
-        and not layer.renorm
-        and not layer.synchronized
+        and not getattr(layer, "renorm", False)  # (not in Keras <= 3.12)
+        and not getattr(layer, "synchronized", False)
         and layer.trainable
         and layer.dtype_policy.compute_dtype == "float32"
     )
