@@ -68,7 +68,7 @@ def warn_if_logits_meet_probability_losses(model, head_losses):
             "loss=keras.losses.SparseCategoricalCrossentropy("
             "from_logits=True), or end the heads in a softmax.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # The caller of compile (through its tracking wrapper).
         )
     return heads
 
