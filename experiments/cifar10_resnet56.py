@@ -68,6 +68,13 @@ def main(args, results, set_threads):
     if epochs < 1:
         print(f"error: `--epochs` must be positive. Received: {epochs}", file=sys.stderr)
         return 2
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        print(f"error: `--methods` must be a comma-separated subset of "
+              f"{','.join(METHODS)}. Received: --methods={args.methods!r}",
+              file=sys.stderr)
+        return 2
     set_threads(args.threads)
     import keras
 
@@ -84,7 +91,7 @@ def main(args, results, set_threads):
     folder = os.path.join(results, name)
     steps = math.ceil(info["num_train"] / batch)
     rows = []
-    for method in METHODS:
+    for method in methods:
         config = dict(study=name, method=method, epochs=epochs, batch_size=batch,
                       lr=0.1, decay_at=[0.4, 0.6], weight_decay=1e-4, nu=2.0,
                       seed=0, synthetic=bool(args.synthetic))

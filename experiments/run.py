@@ -31,6 +31,9 @@ def _parser():
                    help=f"results folder (default {DEFAULT_RESULTS}; "
                         "--quick defaults to <results>/quick)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reverse", action="store_true",
+                   help="run the study's groups last to first (a second "
+                        "process on the same study then meets the first)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the reports from the finished runs; train nothing")
     p.add_argument("--data-dir", default=None, help="cifar10_resnet56: tfds data dir")
@@ -38,6 +41,8 @@ def _parser():
                    help="cifar10_resnet56: random CIFAR-shaped data, 2 epochs")
     p.add_argument("--epochs", type=int, default=None,
                    help="cifar10_resnet56: epochs (default 400)")
+    p.add_argument("--methods", default="standard,joint,relay,mwbp",
+                   help="cifar10_resnet56: comma-separated methods")
     return p
 
 
@@ -51,7 +56,7 @@ def _set_threads(threads):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def run_study(study, quick, results, report_only=False):
+def run_study(study, quick, results, report_only=False, reverse=False):
     from experiments import report
     from experiments import runner
     from experiments.studies import study_configs
@@ -79,6 +84,8 @@ def run_study(study, quick, results, report_only=False):
         # the same time may have finished it meanwhile.
         todo.sort(key=lambda g: bool(spec.get("shared", ())) and
                   str(g[0][0].get(spec["factor"])) in spec["shared"])
+        if reverse:
+            todo.reverse()
         for pending in todo:
             still = []
             for label, config in pending:
@@ -145,7 +152,7 @@ def main(argv=None):
 
         return cifar10_resnet56.main(args, results, _set_threads)
     _set_threads(args.threads)
-    run_study(args.study, args.quick, results, args.report_only)
+    run_study(args.study, args.quick, results, args.report_only, args.reverse)
     return 0
 
 

@@ -150,3 +150,47 @@ def test_warmup_step_decay_schedule():
     assert float(optimizer.learning_rate) == pytest.approx(0.025)  # step 0
     with pytest.raises(ValueError, match="strictly increasing"):
         WarmupStepDecay(0.1, 1, [5, 5])
+
+
+def test_resumption_logic_without_training(tmp_path, monkeypatch):
+    """run_study with a stand-in trainer: finished runs are never redone."""
+    from experiments import run
+    from experiments import runner
+
+    calls = []
+
+    def fake_execute_group(configs, on_row):
+        for config in configs:
+            calls.append(config["seed"])
+            on_row(dict(
+                key=runner.run_key(config), config=config, error=None,
+                head_names=["head_0_dense", "head_1_dense", "final_dense"],
+                head_depths=[3, 5, 8], head_params=[10, 20, 30],
+                test_accuracy=[0.5, 0.6, 0.4 + 0.1 * config["seed"]],
+                failed=0.4 + 0.1 * config["seed"] < runner.FAIL_THRESHOLD,
+                epoch_seconds=1.0, step_seconds=0.1, first_epoch_seconds=2.0,
+                fit_seconds=3.0, head_train_seconds=0.0,
+            ))
+
+    monkeypatch.setattr(runner, "execute_group", fake_execute_group)
+    results = str(tmp_path)
+    assert run.run_study("methods", True, results) == 4
+    assert calls == [0, 1, 0, 1]
+    assert run.run_study("methods", True, results) == 0
+    assert calls == [0, 1, 0, 1]
+    folder = os.path.join(results, "methods", "runs")
+    name = sorted(os.listdir(folder))[0]
+    with open(os.path.join(folder, name)) as f:
+        seed = json.load(f)["config"]["seed"]
+    os.remove(os.path.join(folder, name))
+    assert run.run_study("methods", True, results) == 1
+    assert calls == [0, 1, 0, 1, seed]
+    # A run that another study finished with the same config is copied.
+    assert run.run_study("cost", True, results) == 0
+    assert len(os.listdir(os.path.join(results, "cost", "runs"))) == 4
+    # The failed run (seed 0: final accuracy 0.4 < 0.5) is reported, not dropped.
+    with open(os.path.join(results, "methods", "summary.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["head"] == "2"]
+    assert [(r["level"], r["n_runs"], r["n_failed"]) for r in rows] == [
+        ("standard", "2", "1"), ("joint", "2", "1")]
+    assert [float(r["mean_accuracy"]) for r in rows] == pytest.approx([0.45, 0.45])
