@@ -10,7 +10,8 @@ from keras_mwbp import _compat
 from keras_mwbp import compile_checks
 from keras_mwbp import data_order
 from keras_mwbp import weighting as loss_weights
-from keras_mwbp.backend import tensorflow as backend_step
+from keras_mwbp import algorithm
+from keras_mwbp import backend as backends
 from keras_mwbp.callbacks.progbar_logger import ProgbarLogger
 from keras_mwbp.graph import HeadGraph
 from keras_mwbp.graph import check_outputs_depend_on_inputs
@@ -26,10 +27,10 @@ METHODS = (
     "naive_reverse_mwbp",
 )
 # Methods with one optimizer and one update per loss, in this order of losses.
-MULTIWAY_METHODS = ("mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp")
+MULTIWAY_METHODS = algorithm.MULTIWAY_METHODS
 WEIGHTINGS = ("paper", "reference_code")
 NAN_POLICIES = ("raise", "skip_step", "zero")
-_STATE_HEAD = -2  # nan_policy's "head" of the forward pass's new state.
+_STATE_HEAD = algorithm.STATE_HEAD  # nan_policy's "head" of the new state.
 # The attributes `compile()` sets (Keras's and this class's), put back when
 # it fails part way.
 _COMPILE_STATE = (
@@ -354,6 +355,7 @@ class MultiWayModel(keras.Model):
                 `LossScaleOptimizer` (it would hide the per-loss optimizers),
                 so mixed-precision training runs without loss scaling.
         """
+        backends.check_supported()
         if loss_weights is not None:
             raise ValueError(
                 "`loss_weights` is not used by MultiWayModel: the loss weights "
@@ -561,20 +563,7 @@ class MultiWayModel(keras.Model):
         function = self.train_function
         if getattr(function, "_keras_mwbp_wrapped", False):
             return function
-
-        def train_function(iterator):
-            if self._batches_to_skip > 0:
-                return self._skip_batches(iterator)
-            try:
-                return function(iterator)
-            except Exception as error:
-                failure = backend_step.nonfinite_step(error)
-                if failure is None:
-                    raise
-                raise FloatingPointError(
-                    self._nonfinite_message(*failure)
-                ) from None
-
+        train_function = backends.get().wrap_train_function(self, function)
         train_function._keras_mwbp_wrapped = True
         self.train_function = train_function
         return train_function
@@ -628,243 +617,36 @@ class MultiWayModel(keras.Model):
             "replace NaN gradients by zero."
         )
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._check_labels(y)
-        # nan_policy "raise"/"skip_step": the state before the step, to put
-        # back if a loss or gradient is not finite.
-        snapshot, taken = [], []
-        if self.nan_policy != "zero":
-            snapshot = backend_step.snapshot(self._step_state())
-            taken = [backend_step.token([value for _, value in snapshot])]
-        self._finite_flags = []
-        step = backend_step.TensorFlowStep(self._head_graph)
-        # The shared forward: every feature and every loss, once.
-        with step.recording(persistent=self.method not in ("standard", "joint")):
-            y_pred = step.forward(self, x, training=True)
-            head_losses = self._head_loss_values(y, y_pred, sample_weight)
-            gammas = self._gamma_tensors(head_losses[0].dtype)
-            weighted = [g * loss for g, loss in zip(gammas, head_losses)]
-            objective = self._objective(head_losses, weighted)
-            penalty = _regularization_penalty(self.trainable_variables)
-        # BatchNorm statistics move once per step.
-        step.commit_state(after=taken)
-        total = objective + penalty  # Logged; computed before any update.
-        if snapshot:
-            for i, loss in enumerate(head_losses):
-                self._finite_flags.append((i, backend_step.all_finite([loss])))
-            # The new BatchNorm statistics (finite losses can still give an
-            # infinite moving variance).
-            state = [v for _, v in step.new_state.values()
-                     if keras.backend.is_float_dtype(v.dtype)]
-            if state:
-                self._finite_flags.append(
-                    (_STATE_HEAD, backend_step.all_finite(state))
-                )
-        after = [total] + taken
-        if self.method in MULTIWAY_METHODS:
-            seeds = weighted if self.weighting == "paper" else head_losses
-            self._multiway_backward(step, seeds, gammas, data, after)
-        else:
-            variables = self._update_groups[0]
-            if self.method == "relay":
-                grads = self._relay_gradients(step, weighted)
-            else:
-                grads = step.gradients(objective, variables)
-            self._apply(0, grads, variables, after=after, head=-1)
-        self.optimizer.finish_step()
-        self._update_metrics(x, y, y_pred, sample_weight, head_losses, total)
-        applied = self._undo_unless_finite(snapshot) if snapshot else None
-        with backend_step.control_dependencies([applied]):
-            if self._skipped_steps is not None:
-                # Counted after the undo (which restores the metrics too).
-                self._skipped_steps.update_state(
-                    1.0 - keras.ops.cast(applied, "float32")
-                )
-            logs = dict(self.get_metrics_result())
-        # Tensors, not the variables: eager Keras packs logs in an Optional.
-        logs["nu"] = keras.ops.convert_to_tensor(self._nu)
-        gammas = keras.ops.convert_to_tensor(self._gammas)
-        for i in range(self.num_heads):
-            logs[f"gamma_{i}"] = gammas[i]
-        return logs
+    def train_step(self, *args):
+        """One training step (`keras_mwbp.algorithm.TrainingStep`), as the
+        backend's Keras trainer calls it: `train_step(data)` under
+        TensorFlow, the stateless `train_step(state, data)` under JAX."""
+        return backends.get().train_step(self, *args)
 
-    def _step_state(self):
-        """Every variable a training step may change: the model's (weights,
-        BatchNorm statistics, dropout seeds, nu, gammas), the optimizer's
-        (all per-loss states, step counters) and the metrics'."""
-        seen, state = set(), []
-        variables = (
-            list(self.variables)
-            + list(self.optimizer.variables)
-            + list(self.metrics_variables)
-        )
-        for v in variables:
-            if id(v) not in seen:
-                seen.add(id(v))
-                state.append(v)
-        return state
-
-    def _undo_unless_finite(self, snapshot):
-        """nan_policy "raise"/"skip_step": if a loss or gradient of this step
-        is not finite, puts every variable back as it was before the step;
-        under "raise" then stops with the step and head named.
-
-        Returns:
-            A boolean tensor: whether the step was applied.
-        """
-        counter = self.optimizer.iterations
-        step_number = next(
-            value for v, value in snapshot if v is counter
-        )
-        ok, head = backend_step.first_failure(self._finite_flags)
-        done = backend_step.restore_unless(ok, snapshot)
-        if self.nan_policy == "raise":
-            done = backend_step.assert_finite_step(done, step_number, head)
-        return done
-
-    def _multiway_backward(self, step, seeds, gammas, data, after):
-        """Paper Algorithm 1: one backward pass and update per loss.
-
-        `seeds[i]` is the loss whose gradient loss i's optimizer gets
-        (`gamma_i * loss_i`, or `loss_i` scaled per variable afterwards for
-        `weighting="reference_code"`).
-
-        `mwbp` goes from the shallowest loss to the final one,
-        `reverse_mwbp` the other way; each loss's gradient is taken at the
-        parameters the earlier losses of this step already updated, with the
-        features of the shared forward pass (re-linearized, Eq. 10). The
-        `naive_*` methods instead run a new forward pass with the current
-        parameters before every loss after the first.
-        """
-        graph = self._head_graph
-        order = range(self.num_heads)
-        if self.method in ("reverse_mwbp", "naive_reverse_mwbp"):
-            order = reversed(order)
-        updated = set()
-        for i in order:
-            variables = graph.loss_variables[i]
-            if not self.method.startswith("naive_"):
-                grads = step.multiway_gradients(i, seeds[i], updated)
-            elif not updated:
-                grads = step.gradients(seeds[i], variables)
-            else:
-                grads = self._fresh_gradients(step, i, data, variables, gammas)
-            if self.weighting == "reference_code":
-                factors = self._reference_code_scales(i, variables, gammas)
-                grads = [g * factor for g, factor in zip(grads, factors)]
-            self._apply(i, grads, variables, after=after, head=i)
-            updated.update(id(v) for v in variables)
-
-    def _fresh_gradients(self, step, index, data, variables, gammas):
-        """Naive MW-BP: loss `index` from a new forward pass (current
-        parameters, the step's recorded state, no state committed)."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        fresh = step.fresh()
-        with fresh.recording(persistent=False):
-            outputs = fresh.forward(
-                self, x, training=True, nodes=self._head_graph.ancestors[index]
-            )
-            loss = self._head_losses[index](
-                y, outputs[index], sample_weight=sample_weight
-            )
-            if self.weighting == "paper":
-                loss = gammas[index] * loss
-        return fresh.gradients(loss, variables)
-
-    def _relay_gradients(self, step, weighted):
-        """Relay BP: loss i's gradient reaches segments i - span .. i."""
-        graph = self._head_graph
-        totals = {}
-        for i, loss in enumerate(weighted):
-            reach = {
-                id(v)
-                for s in range(max(0, i - self.relay_span), i + 1)
-                for v in graph.segments[s]
-            }
-            variables = [v for v in graph.loss_variables[i] if id(v) in reach]
-            for v, g in zip(variables, step.gradients(loss, variables)):
-                totals[id(v)] = g + totals[id(v)] if id(v) in totals else g
-        return [
-            totals.get(id(v), keras.ops.zeros(v.shape, v.dtype))
-            for v in self._update_groups[0]
-        ]
-
-    def _reference_code_scales(self, index, variables, gammas):
-        """The authors' code's factor of loss `index`'s gradient per variable:
-        1 on an auxiliary head's own variables, gamma_i divided by the sum of
-        gamma_j for j = i .. K-1 on the trunk, 1 for the final loss."""
-        last = self.num_heads - 1
-        if index == last:
-            return [1.0] * len(variables)
-        trunk = {id(v) for v in self._head_graph.loss_variables[last]}
-        normalized = gammas[index] / sum(gammas[index:last])
-        return [normalized if id(v) in trunk else 1.0 for v in variables]
-
-    def _gamma_tensors(self, dtype):
-        gammas = keras.ops.cast(self._gammas.value, dtype)
-        return [gammas[i] for i in range(self.num_heads)]
-
-    def test_step(self, data):
+    def test_step(self, *args):
+        if len(args) == 2:  # JAX: the stateless test_step(state, data).
+            return backends.get().test_step(self, *args)
+        (data,) = args
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_labels(y)
         y_pred = keras.tree.flatten(self(x, training=False))
-        head_losses = self._head_loss_values(y, y_pred, sample_weight)
-        gammas = self._gamma_tensors(head_losses[0].dtype)
+        head_losses = algorithm.head_loss_values(self, y, y_pred, sample_weight)
+        gammas = algorithm.gamma_tensors(self, head_losses[0].dtype)
         weighted = [g * loss for g, loss in zip(gammas, head_losses)]
-        total = self._objective(head_losses, weighted) + _regularization_penalty(
-            self.trainable_variables
-        )
+        total = algorithm.objective_value(
+            self, head_losses, weighted
+        ) + algorithm.regularization_penalty(self.trainable_variables)
         logs = self._update_logs(
             x, y, y_pred, sample_weight, head_losses, total
         )
         logs.pop("skipped_steps", None)  # A training count only.
         return logs
 
-    def _objective(self, head_losses, weighted):
-        """The method's training objective (what `loss` logs, less
-        regularization), from the losses and the gamma-weighted losses."""
-        if self.method == "standard":
-            return head_losses[-1]
-        return sum(weighted)
-
-    def _apply(self, index, grads, variables, after=(), head=-1):
-        """Adds the variables' regularizer gradients, applies optimizer i once
-        every gradient of the loss (and every tensor of `after`) exists.
-
-        Under nan_policy "zero" NaN gradient entries become 0; under the other
-        policies the gradients' finiteness is recorded for head `head` (-1:
-        the joint objective)."""
-        if self.nan_policy == "zero":
-            grads = backend_step.zero_nans(grads)
-        else:
-            self._finite_flags.append((head, backend_step.all_finite(grads)))
-        reg_grads = backend_step.regularization_gradients(variables)
-        grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
-        grads = backend_step.after(grads, list(grads) + list(after))
-        self.optimizer.apply_loss(index, grads, variables)
-
-    def _head_loss_values(self, y, y_pred, sample_weight):
-        return [
-            loss_fn(y, out, sample_weight=sample_weight)
-            for loss_fn, out in zip(self._head_losses, y_pred)
-        ]
-
     def _update_logs(self, x, y, y_pred, sample_weight, head_losses, total):
-        self._update_metrics(x, y, y_pred, sample_weight, head_losses, total)
-        return self.get_metrics_result()
-
-    def _update_metrics(self, x, y, y_pred, sample_weight, head_losses, total):
-        # Keras losses are divided by the number of replicas of a
-        # `tf.distribute` strategy; the logs show the global values.
-        replicas = backend_step.num_replicas()
-        batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]
-        self._loss_tracker.update_state(
-            total * replicas, sample_weight=batch_size
+        algorithm.update_metrics(
+            self, x, y, y_pred, sample_weight, head_losses, total
         )
-        for tracker, value in zip(self._head_loss_trackers, head_losses):
-            tracker.update_state(value * replicas, sample_weight=batch_size)
-        self.compute_metrics(x, y, y_pred, sample_weight)
+        return self.get_metrics_result()
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Updates every head's metrics with the one label array `y`."""
@@ -1287,9 +1069,3 @@ def _dense_labels_fit(y_shape, out_shape):
         _dims_match(y_shape, out_shape[:-1]) and out_shape[-1] == 1
     )
 
-
-def _regularization_penalty(variables):
-    """The weight regularizers' penalty, scaled per replica like losses."""
-    terms = [v.regularizer(v) for v in variables
-             if getattr(v, "regularizer", None)]
-    return sum(terms) / backend_step.num_replicas() if terms else 0.0

@@ -3,9 +3,24 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if os.environ.get("KERAS_BACKEND") == "jax":
+    # The float64 tests (the NumPy reference at rtol 1e-5) need JAX's 64-bit
+    # types; JAX truncates float64 to float32 without this.
+    os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests of TensorFlow-only machinery (tf.distribute, tf.data pipelines,
+# TensorFlow's fused BatchNorm kernels, graph-mode op ordering).
+tensorflow_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="TensorFlow-only machinery",
+)
+jax_only = pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="needs the JAX backend"
+)
 
 NUM_CLASSES = 3
 MLP_INPUT_SHAPE = (6,)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import tensorflow_only
+
 SCRIPT = textwrap.dedent(
     """
     import json, os
@@ -71,6 +73,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@tensorflow_only
 def test_mirrored_strategy_matches_single_device():
     """Two replicas of half the batch each train exactly like one device:
     per-loss updates all-reduce once each, losses (and the weight

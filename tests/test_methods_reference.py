@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 import reference_numpy as ref  # noqa: E402
 from _reference_harness import GAMMAS  # noqa: E402
+from _reference_harness import KERAS_IDENTITY_TOLERANCE  # noqa: E402
 from _reference_harness import LEARNING_RATE  # noqa: E402
 from _reference_harness import MIN_MWBP_EFFECT  # noqa: E402
 from _reference_harness import NETWORKS  # noqa: E402
@@ -240,8 +241,8 @@ def test_keras_relay_covering_all_segments_is_joint(float64_keras, network_name)
     )
     joint_initial, (joint_params, joint_bn) = multiway_run(network_name, "joint")
     _assert_identical(initial[0], joint_initial[0])
-    assert_nested_close(relay_params, joint_params, rtol=1e-10, atol=1e-12)
-    assert_nested_close(relay_bn, joint_bn, rtol=1e-10, atol=1e-12)
+    assert_nested_close(relay_params, joint_params, **KERAS_IDENTITY_TOLERANCE)
+    assert_nested_close(relay_bn, joint_bn, **KERAS_IDENTITY_TOLERANCE)
     expected_params, _ = reference_run(network_name, initial, "joint")
     assert_nested_close(relay_params, expected_params)
 

@@ -1,0 +1,47 @@
+"""The backend-specific primitives of the training step, one module per
+Keras backend.
+
+`keras_mwbp.algorithm` is the training step of every method, written once;
+it reaches the backend only through the module `get()` returns, which
+supplies:
+
+- a `Step` class (`step_class`): record the shared forward pass node by node
+  (`forward`, each head's loss with `losses`/`loss`), the gradients of a
+  linear combination of the head losses at the current parameters
+  (`gradients`, and `multiway_gradients`, which re-linearizes the nodes whose
+  parameters the earlier losses of the step updated: paper Eq. 10), and
+  `commit_state` (BatchNorm statistics and seed states, once per step);
+- the ordering and checking helpers of an update (`after`, `token`,
+  `control_dependencies`, `all_finite`, `zero_nans`, `first_failure`,
+  `snapshot`, `restore_unless`, `assert_finite_step`), `num_replicas` and
+  `regularization_gradients`;
+- `train_step(model, ...)` and `wrap_train_function(model)`: how Keras's
+  trainer of that backend calls the step (TensorFlow: `train_step(data)` on
+  variables; JAX: a stateless, jit-compiled `train_step(state, data)`).
+"""
+
+import importlib
+
+import keras
+
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def check_supported():
+    """Raises `ValueError` unless Keras runs on a supported backend."""
+    name = keras.backend.backend()
+    if name not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            "MultiWayModel trains on the Keras backends "
+            f"{SUPPORTED_BACKENDS}. Received: KERAS_BACKEND={name!r} "
+            "(set the KERAS_BACKEND environment variable before importing "
+            "keras)."
+        )
+
+
+def get():
+    """The primitives module of the current Keras backend."""
+    check_supported()
+    return importlib.import_module(
+        f"keras_mwbp.backend.{keras.backend.backend()}"
+    )

@@ -131,9 +131,22 @@ class TensorFlowStep:
         self.tape = tf.GradientTape(persistent=persistent)
         return self.tape
 
+    def losses(self, loss_fns, y, y_pred, sample_weight):
+        """Each head's loss, recorded by the tape (call inside
+        `recording`)."""
+        return [
+            loss_fn(y, out, sample_weight=sample_weight)
+            for loss_fn, out in zip(loss_fns, y_pred)
+        ]
+
+    def loss(self, index, loss_fn, y, output, sample_weight):
+        """Head `index`'s loss alone (naive MW-BP's new forward pass)."""
+        return loss_fn(y, output, sample_weight=sample_weight)
+
     def gradients(self, objective, variables):
-        """Gradients from the forward tape (exact when nothing was updated)."""
-        grads = self.tape.gradient(objective, variables)
+        """Gradients of an `algorithm.Objective` from the forward tape (exact
+        when nothing was updated)."""
+        grads = self.tape.gradient(objective.value, variables)
         return _zeros_for_none(grads, variables)
 
     def multiway_gradients(self, index, objective, updated_ids):
@@ -141,7 +154,8 @@ class TensorFlowStep:
 
         Args:
             index: Output index of the loss.
-            objective: The weighted loss tensor recorded by the forward tape.
+            objective: The `algorithm.Objective` of loss `index` (its
+                weighted loss, recorded by the forward tape).
             updated_ids: `id()`s of the variables already updated this step.
 
         Returns:
@@ -162,7 +176,7 @@ class TensorFlowStep:
             boundary.append((output_ref, self.loss_inputs[index]))
         above_vars = _unique(v for n in above for v in graph.node_variables(n))
         grads = self.tape.gradient(
-            objective, [edge for _, edge in boundary] + above_vars
+            objective.value, [edge for _, edge in boundary] + above_vars
         )
         cotangents = {}
         for (ref_id, _), grad in zip(boundary, grads):
@@ -217,6 +231,44 @@ class TensorFlowStep:
                 _accumulate(cotangents, ref_id, grad)
         for variable, grad in zip(variables, grads[len(input_ids):]):
             _accumulate(var_grads, id(variable), grad)
+
+
+Step = TensorFlowStep
+
+
+def train_step(model, data):
+    """Keras's TensorFlow trainer calls `model.train_step(data)`, on the
+    variables themselves (traced by `tf.function`)."""
+    from keras_mwbp import algorithm
+
+    return algorithm.TrainingStep(model, _this_module()).run(data)
+
+
+def _this_module():
+    import sys
+
+    return sys.modules[__name__]
+
+
+def wrap_train_function(model, function):
+    """Keras's train function, wrapped: it skips the batches a resumed
+    backup already trained and turns a failed `nan_policy="raise"` check
+    into a `FloatingPointError` naming the step and head."""
+
+    def train_function(iterator):
+        if model._batches_to_skip > 0:
+            return model._skip_batches(iterator)
+        try:
+            return function(iterator)
+        except Exception as error:
+            failure = nonfinite_step(error)
+            if failure is None:
+                raise
+            raise FloatingPointError(
+                model._nonfinite_message(*failure)
+            ) from None
+
+    return train_function
 
 
 def _fused_batch_norm_applies(node, args, kwargs):
