@@ -484,6 +484,8 @@ class MultiWayModel(keras.Model):
         as given. Other arguments are those of `keras.Model.fit`.
         """
         leaves = data_order.array_leaves(x, y, sample_weight)
+        # The epoch's size, for the position check of BackupAndRestore.
+        self._fit_sizes = leaves and (len(leaves[0]), batch_size, validation_split)
         if leaves is not None and x is not None and any(
             len(a) == 0 for a in leaves
         ):

@@ -55,6 +55,48 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def check_writable_dir(path, what):
+    """Makes sure files can be written into folder `path`, creating it.
+
+    Callbacks call this when training begins, so that a folder that cannot
+    hold their files fails at once rather than at the first save, after
+    minutes of training. The test is a real one: a temporary file is created
+    in the folder and removed (permission bits do not stop root, a read-only
+    file system does).
+
+    Args:
+        path: The folder (created, with its parents, if missing).
+        what: What the folder is for, for the message, e.g.
+            ``"`backup_dir`"``.
+
+    Raises:
+        NotADirectoryError: If `path`, or a folder above it, is a file.
+        PermissionError: If a file cannot be created there (its message
+            names `path` and the reason).
+        OSError: If the folder cannot be created for another reason.
+    """
+    path = os.fspath(path)
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        where = "is a file" if parent == os.path.abspath(path) else (
+            f"lies under {parent!r}, which is a file")
+        raise NotADirectoryError(
+            f"{what} {path!r} cannot hold files: it {where}, not a directory"
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=path)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        failure = type(error)(f"{what} {path!r} is not writable: {reason}")
+        failure.errno = error.errno
+        raise failure from None
+
+
 def atomic_write_text(path, text):
     """Writes `text` to `path` atomically (see `atomic_path`)."""
     with atomic_path(path) as tmp:

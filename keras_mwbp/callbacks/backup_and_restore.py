@@ -1,16 +1,31 @@
 """Step-exact backup and resume of an interrupted `MultiWayModel.fit`."""
 
 import json
+import math
 import os
 import shutil
+import zipfile
+import zlib
 
 import keras
 import numpy as np
 
 from keras_mwbp.saving import atomic_path
+from keras_mwbp.saving import check_writable_dir
 
 BACKUP_FILE = "backup.npz"
 _META = "__meta__"
+# What defines a position in the training: the same (epoch, batch) means the
+# same samples only if none of these changed. `None` where not known (the
+# number of samples of a dataset; the steps of one of unknown length).
+POSITION_FIELDS = (
+    "method", "samples", "batch_size", "steps_per_epoch", "shuffle_seed",
+)
+# What reading a damaged or foreign `.npz` raises.
+_READ_ERRORS = (
+    OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile,
+    zlib.error,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_mwbp")
@@ -42,6 +57,20 @@ class BackupAndRestore(keras.callbacks.Callback):
       previous backup intact.
     - With deterministic ops (`tf.config.experimental.enable_op_determinism`)
       the resumed run is bit-for-bit the uninterrupted one.
+    - Checked: a backup records what defines its position, the model's
+      `method`, the number of training samples, the batch size, the steps
+      per epoch and the data-order seed (`model.shuffle_seed`); the number
+      of samples and the batch size are known for in-memory arrays, the
+      steps per epoch for any data of known length. A resume whose `fit`
+      differs in any of them (say, a smaller batch size after running out
+      of memory) would train other samples than the uninterrupted run, and
+      is refused with a `ValueError` naming the field and both values,
+      before any variable changes. So is a backup of a model whose variables
+      differ, and a damaged backup file (the error names the file). To
+      start over, delete `backup_dir` or pass another one.
+    - `backup_dir` is checked when training begins: a path that is a file,
+      or a folder where no file can be written, fails then, not at the
+      first backup.
 
     Keras's own `keras.callbacks.BackupAndRestore` keeps working with a
     `MultiWayModel` at epoch granularity (`save_freq="epoch"`); with a step
@@ -51,7 +80,13 @@ class BackupAndRestore(keras.callbacks.Callback):
     Callbacks see the skipped batches' `on_train_batch_begin/end` with the
     logs of the backup, so batch numbers match the uninterrupted run.
     Callbacks with their own state (e.g. `ReduceLROnPlateau`'s patience)
-    restart it.
+    restart it. A rerun after the last epoch's backup trains nothing and
+    ends with the saved state and `History`.
+
+    `request_stop()` (for a signal handler, as `keras-mwbp train` has for
+    Ctrl-C) makes training stop at the end of the running batch, after a
+    backup of exactly that position: `fit` then raises `KeyboardInterrupt`
+    and the backup is kept.
 
     Args:
         backup_dir: Folder for the backup file (created if needed).
@@ -93,6 +128,24 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epoch = 0
         self._skip_until = 0
         self._since_save = 0
+        self._position = None
+        self._stop_requested = False
+        self.saved_position = None
+
+    @property
+    def backup_path(self):
+        """The backup file, `backup_dir/backup.npz`."""
+        return self._path
+
+    def request_stop(self):
+        """Stop training after the running batch, with a backup of it.
+
+        Safe to call from a signal handler: it only sets a flag. At the end
+        of the next trained batch (or of the epoch, if the epoch's batches
+        are done) the backup is written and `fit` raises
+        `KeyboardInterrupt`; `saved_position` then holds `(epoch, batch)`.
+        """
+        self._stop_requested = True
 
     def get_config(self):
         return {
@@ -110,8 +163,31 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _read_meta(self):
         if not os.path.exists(self._path):
             return None
-        with np.load(self._path, allow_pickle=False) as backup:
-            return json.loads(str(backup[_META]))
+        return self._read(arrays=False)[0]
+
+    def _read(self, arrays=True):
+        """`(meta, groups)` of the backup file; a damaged file raises a
+        `ValueError` that names it."""
+        try:
+            with np.load(self._path, allow_pickle=False) as backup:
+                meta = json.loads(str(backup[_META]))
+                epoch, step = int(meta["epoch"]), int(meta["step"])
+                groups = None
+                if arrays:
+                    groups = {
+                        name: [backup[f"{name}/{i}"] for i in range(len(paths))]
+                        for name, paths in meta["paths"].items()
+                    }
+        except _READ_ERRORS as error:
+            raise ValueError(
+                f"The backup file {self._path!r} is damaged or not a "
+                f"keras_mwbp backup ({type(error).__name__}: "
+                f"{_one_line(error)}). Delete it, or the folder "
+                f"{self.backup_dir!r}, to start over (or pass another "
+                "backup_dir)."
+            ) from None
+        meta["epoch"], meta["step"] = epoch, step
+        return meta, groups
 
     def set_model(self, model):
         if not hasattr(model, "_batches_to_skip"):
@@ -127,14 +203,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._resume = None
         self._skip_until = 0
         self._since_save = 0
+        self._position = self._current_position()
         if not os.path.exists(self._path):
+            check_writable_dir(self.backup_dir, "`backup_dir`")
             return
-        with np.load(self._path, allow_pickle=False) as backup:
-            meta = json.loads(str(backup[_META]))
-            groups = {
-                name: [backup[f"{name}/{i}"] for i in range(len(paths))]
-                for name, paths in meta["paths"].items()
-            }
+        meta, groups = self._read()
+        # Everything is checked before any variable is assigned.
+        self._check_position(meta.get("position"))
         current = self._variable_groups()
         del current["metrics"]  # Built with the first step; checked then.
         for name, variables in current.items():
@@ -153,6 +228,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                     "with the model, method and optimizer that made it, or "
                     "delete the backup to start over."
                 )
+        check_writable_dir(self.backup_dir, "`backup_dir`")
         # Checked everything first; now restore (metrics after Keras resets
         # them at the start of the epoch).
         for name in ("model", "optimizer"):
@@ -161,6 +237,48 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._metric_values = groups["metrics"]
         self.model._initial_epoch = meta["epoch"]
         self._resume = meta
+        self.saved_position = (meta["epoch"], meta["step"])
+
+    def _current_position(self):
+        """This `fit`'s values of `POSITION_FIELDS`."""
+        model = self.model
+        steps = (self.params or {}).get("steps")
+        samples = batch_size = seed = None
+        sizes = getattr(model, "_fit_sizes", None)  # Set by `fit` for arrays.
+        if sizes:
+            count, batch_size, validation_split = sizes
+            samples = count
+            if validation_split:  # As Keras splits: the first part trains.
+                samples = int(math.floor(count * (1.0 - validation_split)))
+            batch_size = int(batch_size or 32)  # Keras's default for arrays.
+            seed = getattr(model, "shuffle_seed", None)
+        return {
+            "method": getattr(model, "method", None),
+            "samples": samples,
+            "batch_size": batch_size,
+            "steps_per_epoch": None if steps is None else int(steps),
+            "shuffle_seed": None if seed is None else int(seed),
+        }
+
+    def _check_position(self, saved):
+        """Refuses a backup made with another definition of the position
+        (backups without the record, from older versions, pass)."""
+        if not saved:
+            return
+        for field in POSITION_FIELDS:
+            before, now = saved.get(field), self._position.get(field)
+            if before is None and now is None or before == now:
+                continue
+            raise ValueError(
+                f"The backup {self._path!r} cannot resume this fit: it was "
+                f"made with {field}={_show(before)}, this fit has "
+                f"{field}={_show(now)}. A backup resumes at a batch of an "
+                "epoch, which means the same samples only with the same "
+                f"method, number of samples, batch size, steps per epoch and "
+                f"shuffle_seed ({_describe(saved)}). Rerun with "
+                f"{field}={_show(before)} to resume, or start over: delete "
+                f"{self.backup_dir!r} or pass another backup_dir."
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -182,6 +300,9 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if batch < self._skip_until:
             return  # A skipped batch (already trained before the backup).
+        if self._stop_requested:
+            self._save(self._epoch, batch + 1, logs)
+            self._stop()
         if self.save_freq == "epoch":
             return
         self._since_save += self.model.steps_per_execution
@@ -191,11 +312,30 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._skip_until = 0
-        if self.save_freq == "epoch":
+        if self.save_freq == "epoch" or self._stop_requested:
             self._save(epoch + 1, 0, logs, epoch_done=True)
+        if self._stop_requested:
+            self._stop()
+
+    def _stop(self):
+        self._stop_requested = False
+        epoch, step = self.saved_position
+        raise KeyboardInterrupt(
+            f"training stopped at epoch {epoch + 1}, batch {step}; the "
+            f"backup {self._path!r} resumes it"
+        )
 
     def on_train_end(self, logs=None):
         self.model._batches_to_skip = 0
+        resume, self._resume = self._resume, None
+        history = getattr(self.model, "history", None)
+        if resume is not None and history is not None:
+            # Resumed after the last epoch: no epoch ran to put the saved
+            # History back, so it is put back now.
+            history.epoch = list(resume["history_epochs"])
+            history.history = {
+                k: list(v) for k, v in resume["history"].items()
+            }
         if self.delete_checkpoint and os.path.exists(self.backup_dir):
             shutil.rmtree(self.backup_dir, ignore_errors=True)
 
@@ -224,6 +364,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             "logs": {k: _number(v) for k, v in (logs or {}).items()},
             "history": past,
             "history_epochs": past_epochs,
+            "position": self._position or self._current_position(),
             "paths": {
                 name: [v.path for v in variables]
                 for name, variables in groups.items()
@@ -239,6 +380,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         with atomic_path(self._path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
+        self.saved_position = (int(epoch), int(step))
 
 
 def _number(value):
@@ -252,6 +394,20 @@ def _with_epoch(epochs, history, epoch, logs):
     for key, value in (logs or {}).items():
         history.setdefault(key, []).append(_number(value))
     return epochs + [epoch], history
+
+
+def _show(value):
+    return "unknown" if value is None else repr(value)
+
+
+def _describe(position):
+    return ", ".join(
+        f"{field}={_show(position.get(field))}" for field in POSITION_FIELDS
+    )
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
 
 
 def _summary(paths, shapes):

@@ -1,10 +1,13 @@
 """`ModelCheckpoint`: Keras's checkpoint callback, with atomic saves."""
 
+import os
+
 import keras
 from keras_mwbp._compat import file_utils
 from keras_mwbp._compat import io_utils
 
 from keras_mwbp.saving import atomic_path
+from keras_mwbp.saving import check_writable_dir
 from keras_mwbp.saving import save_model
 
 
@@ -20,6 +23,11 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     killed, or a save failing, while writing leaves the previous checkpoint
     intact and loadable; Keras's callback writes in place and leaves a
     truncated file. Remote paths (`gs://...`) are saved by Keras as they are.
+
+    The folder of `filepath` is checked when training begins (created if
+    missing): if it is a file, or no file can be written there, or
+    `filepath` is an existing directory, `fit` fails at once instead of at
+    the first save.
 
     Args:
         filepath: Path of the checkpoint, `.keras` (or `.weights.h5` with
@@ -70,6 +78,21 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def get_config(self):
         return dict(self._config)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        filepath = os.fspath(self.filepath)
+        if file_utils.is_remote_path(filepath):
+            return
+        folder = os.path.dirname(os.path.abspath(filepath))
+        if "{" in folder:  # Formatted per epoch or batch: checked on save.
+            return
+        if "{" not in os.path.basename(filepath) and os.path.isdir(filepath):
+            raise IsADirectoryError(
+                "ModelCheckpoint's `filepath` must name a file; "
+                f"{filepath!r} is an existing directory"
+            )
+        check_writable_dir(folder, "The folder of ModelCheckpoint's filepath")
 
     def _save_model(self, epoch, batch, logs):
         # As Keras's `_save_model`, with the two writes made atomic.
