@@ -47,13 +47,16 @@ def _parser():
 
 
 def _set_threads(threads):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
+    from keras_mwbp.startup import quiet_start_up
+
+    with quiet_start_up():  # TensorFlow's log lines as it finds devices.
+        tf.config.list_logical_devices()
 
 
 def run_study(study, quick, results, report_only=False, reverse=False):
@@ -133,7 +136,11 @@ def _ordered(entries, groups):
 
 
 def main(argv=None):
-    from experiments.studies import STUDIES
+    from keras_mwbp.startup import quiet_start_up
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with quiet_start_up():  # TensorFlow's start-up log lines.
+        from experiments.studies import STUDIES
 
     args = _parser().parse_args(argv)
     if args.study not in STUDIES:

@@ -3,26 +3,111 @@
 Train a network with auxiliary heads so that every intermediate model is
 good, with the exact update of Guo et al., "Multi-way backpropagation for
 training compact deep neural networks" (Neural Networks, 2020).
+
+The names below and the submodules (`keras_mwbp.models`,
+`keras_mwbp.callbacks`, `keras_mwbp.report`, `keras_mwbp.data`, ...) load on
+first use (PEP 562), so that `import keras_mwbp` alone, and the
+`keras-mwbp --help` command, do not import TensorFlow. The classes that
+`.keras` files name (`MultiWayModel`, `MultiWayOptimizer` and the callbacks)
+are registered with Keras as soon as Keras is imported, before or after
+`import keras_mwbp`, so `keras.saving.load_model` finds them.
 """
 
-from keras_mwbp.attach import attach_heads
-from keras_mwbp.callbacks import AdaptiveNu
-from keras_mwbp.multi_way_model import METHODS
-from keras_mwbp.multi_way_model import MultiWayModel
-from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
-from keras_mwbp.placement import place_heads
-from keras_mwbp.train_heads import train_heads
-from keras_mwbp.weighting import gammas_from_depths
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptiveNu",
-    "METHODS",
-    "MultiWayModel",
-    "MultiWayOptimizer",
-    "attach_heads",
-    "gammas_from_depths",
-    "place_heads",
-    "train_heads",
-]
+# Public name -> the module that defines it.
+_NAMES = {
+    "AdaptiveNu": "keras_mwbp.callbacks",
+    "METHODS": "keras_mwbp.multi_way_model",
+    "MultiWayModel": "keras_mwbp.multi_way_model",
+    "MultiWayOptimizer": "keras_mwbp.multi_way_optimizer",
+    "attach_heads": "keras_mwbp.attach",
+    "gammas_from_depths": "keras_mwbp.weighting",
+    "place_heads": "keras_mwbp.placement",
+    "train_heads": "keras_mwbp.train_heads",
+}
+# The modules whose import registers the classes saved in `.keras` files.
+_REGISTERING = (
+    "keras_mwbp.multi_way_model",
+    "keras_mwbp.callbacks",
+    "keras_mwbp.anytime.anytime_model",
+)
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(
+        f"{__name__}.{name}"
+    ):
+        return importlib.import_module(f"{__name__}.{name}")  # A submodule.
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(__path__)}
+    return sorted(set(globals()) | set(_NAMES) | submodules)
+
+
+def _register_with_keras():
+    for module in _REGISTERING:
+        importlib.import_module(module)  # Registers as it is imported.
+
+
+class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
+    """Registers keras_mwbp's classes right after `keras` is imported.
+
+    Finds `keras` as the other finders do, and wraps its loader so that the
+    registering modules are imported once `keras` has finished loading.
+    Removes itself once that is done.
+    """
+
+    _busy = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "keras" or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _ThenRegister(spec.loader, self)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    def __init__(self, loader, finder):
+        self._loader = loader
+        self._finder = finder
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        _register_with_keras()
+
+
+if "keras" in sys.modules:
+    _register_with_keras()
+else:
+    sys.meta_path.insert(0, _RegisterWhenKerasLoads())

@@ -9,7 +9,6 @@ import pytest
 
 import keras_mwbp
 from keras_mwbp import MultiWayModel
-from keras_mwbp import cli
 from keras_mwbp.cli import main
 
 # ResNet-8 on 8x8x1 digits with 3 losses: heads after blocks 1 and 2. With
@@ -212,7 +211,8 @@ def test_train_writes_checkpoint_logs_and_report(tmp_path, capsys):
                  "--epochs", "2", "--batch-size", "256", "--nu", "adaptive-II",
                  "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "heads.png", "logs", "model.keras", "report.csv", "report.json"]
+        "heads.png", "logs", "model.keras", "report.csv", "report.json",
+        "run.json"]  # run.json: the run's arguments, for a rerun to resume.
     loaded = keras.saving.load_model(out / "model.keras")
     assert int(loaded.optimizer.iterations) == 2 * 6  # 1347 / 256 -> 6 steps
     # Adaptive-II starts at 2. The rate drops after 40% of the 12 steps (step
@@ -245,10 +245,10 @@ def test_train_usage_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize("where, error", [
-    ("load", OSError("[Errno 5] Input/output error:\n'/data/digits'")),
-    ("load", TypeError("unsupported operand\ntype(s)")),
+    ("data.load", OSError("[Errno 5] Input/output error:\n'/data/digits'")),
+    ("data.load", TypeError("unsupported operand\ntype(s)")),
     # After training a ValueError is no usage error either.
-    ("report", ValueError("")),
+    ("report.report", ValueError("")),
 ])
 def test_errors_while_running_print_one_line_and_exit_1(
     where, error, monkeypatch, capsys
@@ -256,7 +256,9 @@ def test_errors_while_running_print_one_line_and_exit_1(
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, where, fail)
+    # The command imports what it uses when it runs (for a fast --help).
+    module, name = where.split(".")
+    monkeypatch.setattr(getattr(keras_mwbp, module), name, fail)
     monkeypatch.setattr(MultiWayModel, "fit", lambda self, *a, **k: None)
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--depth", "8", "--losses", "2", "--epochs", "1"])

@@ -151,21 +151,12 @@ def _arrays(dataset):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _import_keras():
-    """Keras, with TensorFlow started as quietly as the other commands."""
-    try:
-        from keras_mwbp.cli import _import_keras as quiet_import
-    except ImportError:  # pragma: no cover - keras_mwbp.cli without it.
-        import keras
-
-        return keras
-    return quiet_import()
-
-
 def run(args, parser):
     """Calibrates, prints the table, saves the AnytimeModel."""
     _check_args(args, parser)
-    keras = _import_keras()
+    from keras_mwbp.startup import import_keras
+
+    keras = import_keras()
     from keras_mwbp import anytime
     from keras_mwbp.data import load
     from keras_mwbp.report import to_csv
