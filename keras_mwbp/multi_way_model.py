@@ -350,10 +350,15 @@ class MultiWayModel(keras.Model):
             metrics: One list of metrics for every head, or a list of lists
                 (one per output) or a dict keyed by output name.
             weighted_metrics: As `metrics`, weighted by `sample_weight`.
-            **kwargs: Other `keras.Model.compile` arguments. `auto_scale_loss`
-                is ignored: the optimizer is never wrapped in a
-                `LossScaleOptimizer` (it would hide the per-loss optimizers),
-                so mixed-precision training runs without loss scaling.
+            **kwargs: Other `keras.Model.compile` arguments. With
+                `auto_scale_loss=True` (the default, as in Keras) and the
+                model's dtype policy `"mixed_float16"`, every loss's backward
+                pass gets dynamic loss scaling: each per-loss optimizer is a
+                `keras.optimizers.LossScaleOptimizer` with a scale of its
+                own (losses of different size need different scales), saved
+                with the model. An explicit `LossScaleOptimizer` as
+                `optimizer` turns it on with its options under any policy.
+                `mixed_bfloat16` needs no scaling and gets none.
         """
         backends.check_supported()
         if loss_weights is not None:
@@ -362,7 +367,10 @@ class MultiWayModel(keras.Model):
                 "are `head_weights` (or computed from `nu`). "
                 f"Received: loss_weights={loss_weights!r}"
             )
-        kwargs.pop("auto_scale_loss", None)
+        auto_scale_loss = kwargs.pop("auto_scale_loss", True)
+        loss_scale = None
+        if auto_scale_loss and self.dtype_policy.name == "mixed_float16":
+            loss_scale = True
         # Everything is checked before any state changes: a failed
         # compile() leaves a compiled model as it was.
         head_losses = self._per_head_losses(loss)
@@ -377,7 +385,9 @@ class MultiWayModel(keras.Model):
             groups = [head_graph.loss_variables[-1]]
         else:
             groups = [self.trainable_variables]
-        container = MultiWayOptimizer(optimizer, num_losses=len(groups))
+        container = MultiWayOptimizer(
+            optimizer, num_losses=len(groups), loss_scale=loss_scale
+        )
         container.set_variable_groups(groups, self.trainable_variables)
         previous = {
             name: self.__dict__.get(name, _MISSING)
@@ -389,7 +399,8 @@ class MultiWayModel(keras.Model):
                 optimizer=container,
                 metrics=head_metrics,
                 weighted_metrics=head_weighted,
-                # A LossScaleOptimizer would hide the per-loss optimizers.
+                # The per-loss optimizers scale the losses themselves; a
+                # LossScaleOptimizer around them would hide them.
                 auto_scale_loss=False,
                 **kwargs,
             )
@@ -404,8 +415,14 @@ class MultiWayModel(keras.Model):
                 if self.nan_policy == "skip_step" else None
             )
             container.build(self.trainable_variables)
+            template = container.template
+            if container.loss_scale is not None:
+                template = keras.optimizers.LossScaleOptimizer(
+                    template, **container.loss_scale
+                )
             self._compile_config = _compat.serialization_lib.SerializableDict(
-                optimizer=container.template,
+                optimizer=template,
+                auto_scale_loss=auto_scale_loss,
                 loss=loss,
                 metrics=metrics,
                 weighted_metrics=weighted_metrics,
