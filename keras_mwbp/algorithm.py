@@ -32,6 +32,7 @@ import collections
 import keras
 
 from keras_mwbp import backend as backends
+from keras_mwbp import labels
 
 # Methods with one optimizer and one update per loss.
 MULTIWAY_METHODS = ("mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp")
@@ -84,7 +85,7 @@ class TrainingStep:
         """The whole step; returns the logs."""
         model, backend = self.model, self.backend
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        model._check_labels(y)
+        labels.check_labels(model, y)
         # nan_policy "raise"/"skip_step": the state before the step, to put
         # back if a loss or gradient is not finite.
         snapshot, taken = [], []

@@ -1,14 +1,13 @@
 """`MultiWayModel`: a functional Keras model trained with Multi-way BP."""
 
-import re
 import types
 
 import keras
-import numpy as np
 
 from keras_mwbp import _compat
-from keras_mwbp import compile_checks
+from keras_mwbp import compile_handling
 from keras_mwbp import data_order
+from keras_mwbp import labels
 from keras_mwbp import weighting as loss_weights
 from keras_mwbp import algorithm
 from keras_mwbp import backend as backends
@@ -373,10 +372,12 @@ class MultiWayModel(keras.Model):
             loss_scale = True
         # Everything is checked before any state changes: a failed
         # compile() leaves a compiled model as it was.
-        head_losses = self._per_head_losses(loss)
-        head_metrics = self._per_head_metrics(metrics, "metrics")
-        head_weighted = self._per_head_metrics(
-            weighted_metrics, "weighted_metrics"
+        head_losses = compile_handling.per_head_losses(self, loss)
+        head_metrics = compile_handling.per_head_metrics(
+            self, metrics, "metrics"
+        )
+        head_weighted = compile_handling.per_head_metrics(
+            self, weighted_metrics, "weighted_metrics"
         )
         head_graph = HeadGraph(self)
         if self.method in MULTIWAY_METHODS:
@@ -435,7 +436,9 @@ class MultiWayModel(keras.Model):
                 else:
                     self.__dict__[name] = value
             raise
-        compile_checks.warn_if_logits_meet_probability_losses(self, head_losses)
+        compile_handling.warn_if_logits_meet_probability_losses(
+            self, head_losses
+        )
 
     def compile_from_config(self, config):
         config = _compat.serialization_lib.deserialize_keras_object(config)
@@ -520,11 +523,11 @@ class MultiWayModel(keras.Model):
                 "The training data is empty: `x` is a `tf.data.Dataset` "
                 "with no batches. Received: x with cardinality 0"
             )
-        self._check_array_labels(y)
+        labels.check_array_labels(self, y)
         if isinstance(validation_data, (list, tuple)) and len(
             validation_data
         ) in (2, 3):
-            self._check_array_labels(validation_data[1])
+            labels.check_array_labels(self, validation_data[1])
         if (
             shuffle is True
             and steps_per_epoch is None
@@ -587,39 +590,6 @@ class MultiWayModel(keras.Model):
         self.train_function = train_function
         return train_function
 
-    def _resume_in_epoch(self, batches, logs, metric_values):
-        """Resumes an epoch after its first `batches` batches (see
-        `keras_mwbp.callbacks.BackupAndRestore`): the train function draws
-        those batches from the data without training on them, returning
-        `logs`, then sets the metrics' running totals to `metric_values`."""
-        self._batches_to_skip = int(batches)
-        self._skipped_logs = dict(logs)
-        self._resume_metric_values = list(metric_values)
-
-    def _skip_batches(self, iterator):
-        for _ in range(self.steps_per_execution):
-            batch = next(iterator)
-        self._batches_to_skip -= self.steps_per_execution
-        values = self._resume_metric_values
-        if self._batches_to_skip <= 0 and values is not None:
-            self._resume_metric_values = None
-            if len(self.metrics_variables) != len(values):
-                # Compiled metrics are built with the first step; build them
-                # now from the batch's shapes.
-                self._symbolic_build(data_batch=batch)
-            variables = self.metrics_variables
-            shapes = [tuple(v.shape) for v in variables]
-            if shapes != [tuple(numpy_value.shape) for numpy_value in values]:
-                raise ValueError(
-                    "The backup's metric state does not match the compiled "
-                    f"metrics: {len(values)} saved variables, {len(shapes)} "
-                    "in this model. Compile with the metrics of the run that "
-                    "made the backup."
-                )
-            for variable, value in zip(variables, values):
-                variable.assign(value)
-        return dict(self._skipped_logs)
-
     def _nonfinite_message(self, step, head):
         if head == _STATE_HEAD:
             where = "the layers' new state (e.g. BatchNorm statistics)"
@@ -647,7 +617,7 @@ class MultiWayModel(keras.Model):
             return backends.get().test_step(self, *args)
         (data,) = args
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._check_labels(y)
+        labels.check_labels(self, y)
         y_pred = keras.tree.flatten(self(x, training=False))
         head_losses = algorithm.head_loss_values(self, y, y_pred, sample_weight)
         gammas = algorithm.gamma_tensors(self, head_losses[0].dtype)
@@ -675,170 +645,13 @@ class MultiWayModel(keras.Model):
         )
 
     # ------------------------------------------------------------ validation
-    def _per_head(self, value, argument):
-        """Expands `value` to one entry per output (None stays None)."""
-        names = self.output_names
-        if isinstance(value, dict):
-            unknown = sorted(set(value) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"The keys of `{argument}` must be output names {names}. "
-                    f"Received unknown keys: {unknown}"
-                )
-            return [value.get(name) for name in names]
-        return None
-
-    def _per_head_losses(self, loss):
-        if loss is None:
-            raise ValueError(
-                "`loss` is required: one loss for every head, a list with "
-                "one loss per output, or a dict keyed by output name. "
-                "Received: loss=None"
-            )
-        names = self.output_names
-        per_head = self._per_head(loss, "loss")
-        if per_head is None and isinstance(loss, (list, tuple)):
-            if len(loss) != len(names):
-                raise ValueError(
-                    f"`loss` as a list must have one entry per output "
-                    f"({len(names)}). Received: loss={loss!r}"
-                )
-            per_head = list(loss)
-        if per_head is None:
-            per_head = [loss] * len(names)
-        missing = [n for n, item in zip(names, per_head) if item is None]
-        if missing:
-            raise ValueError(
-                f"`loss` must give a loss for every output. Missing: {missing}"
-            )
-        return [_loss_object(item) for item in per_head]
-
-    def _per_head_metrics(self, metrics, argument):
-        if metrics is None:
-            return None
-        per_head = self._per_head(metrics, argument)
-        if per_head is not None:
-            return _checked_metrics(
-                [_metric_list(m) for m in per_head], argument, metrics
-            )
-        if not isinstance(metrics, (list, tuple)):
-            raise ValueError(
-                f"`{argument}` must be a list, a list of lists (one per "
-                f"output) or a dict keyed by output name. "
-                f"Received: {argument}={metrics!r}"
-            )
-        if metrics and all(
-            m is None or isinstance(m, (list, tuple)) for m in metrics
-        ):
-            if len(metrics) != self.num_heads:
-                raise ValueError(
-                    f"`{argument}` as a list of lists must have one list per "
-                    f"output ({self.num_heads}). "
-                    f"Received: {argument}={metrics!r}"
-                )
-            return _checked_metrics(
-                [list(m or []) for m in metrics], argument, metrics
-            )
-        _checked_metrics([list(metrics)], argument, metrics)
-        return [[_clone_metric(m) for m in metrics]
-                for _ in range(self.num_heads)]
-
-    def _check_labels(self, y):
-        """Raises `ValueError` if `y` is not one label array fitting every
-        head (checked on static shapes, before anything runs)."""
-        if y is None:
-            raise ValueError(
-                "`y` is required: one label array used by every head. "
-                "Received: y=None"
-            )
-        if isinstance(y, (list, tuple, dict)):
-            shapes = keras.tree.map_structure(lambda t: tuple(t.shape), y)
-            raise ValueError(
-                "`y` must be one label array used by every head, not one per "
-                f"head. Received: y with structure {shapes}"
-            )
-        if getattr(y.shape, "rank", 0) is None:
-            return  # Retraced with an unknown rank: nothing static to check.
-        y_shape = tuple(y.shape)
-        for name, output, loss_fn in zip(
-            self.output_names, self.outputs, self._head_losses
-        ):
-            rule = _label_rule(loss_fn)
-            if rule is not None and not rule(y_shape, tuple(output.shape)):
-                raise ValueError(
-                    f"`y` has the wrong shape for head '{name}' (outputs of "
-                    f"shape {tuple(output.shape)}, loss "
-                    f"{getattr(loss_fn, 'name', loss_fn)}). Received: y with "
-                    f"shape {y_shape}"
-                )
-
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`; in-memory class-index labels outside a
         head's logits raise a `ValueError` before any batch runs."""
         if not kwargs.get("_use_cached_eval_dataset"):
             # (fit() checked its validation labels already.)
-            self._check_array_labels(y)
+            labels.check_array_labels(self, y)
         return super().evaluate(x, y, *args, **kwargs)
-
-    def _check_array_labels(self, y):
-        """Checks in-memory labels before any step: their shape (as
-        `_check_labels` does in the step, whose traced shapes Keras may relax
-        to an unknown rank after a retrace) and, for a head with a sparse
-        loss, that every label is a whole number and a class index of its
-        logits (the loss's `ignore_class` excepted). Labels must be numbers
-        (not strings). Raises `ValueError` naming `y`."""
-        losses = getattr(self, "_head_losses", None)
-        if losses is None or y is None or isinstance(y, (list, tuple, dict)):
-            return
-        leaves = data_order.array_leaves(y)
-        if not leaves:
-            return
-        labels = leaves[0]
-        if labels.dtype.kind not in "biuf":
-            example = labels.ravel()[:1].tolist()[0] if labels.size else None
-            raise ValueError(
-                "`y` must hold numbers (class indices or targets), e.g. "
-                "integer class indices for a sparse loss; map string labels "
-                "to indices first. Received: y with dtype "
-                f"{labels.dtype} (first value {example!r})"
-            )
-        self._check_labels(
-            types.SimpleNamespace(shape=(None,) + tuple(labels.shape[1:]))
-        )
-        if labels.size == 0:
-            return
-        for name, output, loss_fn in zip(self.output_names, self.outputs,
-                                         losses):
-            classes = output.shape[-1]
-            if (
-                _label_rule(loss_fn) is not _sparse_labels_fit
-                or classes is None
-                or not _sparse_labels_fit(labels.shape, tuple(output.shape))
-            ):
-                continue
-            values = labels
-            ignore = getattr(loss_fn, "_fn_kwargs", {}).get("ignore_class")
-            if ignore is not None:
-                values = labels[labels != ignore]
-            if values.size == 0:
-                continue
-            if values.dtype.kind == "f":
-                fractional = values[values != np.floor(values)]
-                if fractional.size:
-                    raise ValueError(
-                        f"`y` must hold whole-number class indices for head "
-                        f"'{name}' (loss {getattr(loss_fn, 'name', loss_fn)} "
-                        "would truncate the others). Received: y with "
-                        f"non-integer values such as {fractional.flat[0].item()!r}"
-                    )
-            low, high = values.min(), values.max()
-            if low < 0 or high >= classes:
-                raise ValueError(
-                    f"`y` must hold class indices in [0, {classes - 1}] for "
-                    f"head '{name}' ({classes} logits, loss "
-                    f"{getattr(loss_fn, 'name', loss_fn)}). Received: y with "
-                    f"values in [{low}, {high}]"
-                )
 
     def _check_no_activity_regularizers(self):
         for layer in self._flatten_layers(include_self=False):
@@ -987,104 +800,4 @@ def _check_head_order(depths):
             f"the input) are {list(depths)}"
         )
 
-
-def _loss_object(identifier):
-    try:
-        loss = keras.losses.get(identifier)
-    except (ValueError, TypeError, KeyError):
-        loss = None
-    if loss is None or not callable(loss):
-        raise ValueError(
-            "`loss` must be a Keras loss, the name of one or a callable "
-            f"(y_true, y_pred) -> loss. Received: loss={identifier!r}"
-        ) from None
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-    # A name TensorFlow accepts as a name scope ("<lambda>", "_loss" fail).
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(loss, "__name__", ""))
-    return _compat.LossFunctionWrapper(loss, name=name.lstrip("_.-") or "loss")
-
-
-# Names `CompileMetrics` resolves from the labels' and outputs' shapes.
-_SHAPE_DEPENDENT_METRICS = ("accuracy", "acc", "crossentropy", "ce")
-
-
-def _metric_list(metrics):
-    """One head's entry of a `metrics` dict as a list: a list or tuple of
-    metrics, a single metric (name, object or callable) or None, as in
-    `keras.Model.compile`."""
-    if metrics is None:
-        return []
-    if isinstance(metrics, (list, tuple)):
-        return list(metrics)
-    return [metrics]
-
-
-def _checked_metrics(per_head, argument, received):
-    """`per_head` (lists of metrics), once every named or configured metric
-    is known to Keras; raises `ValueError` naming `argument` otherwise."""
-    for metrics in per_head:
-        for metric in metrics:
-            if metric is None or (
-                isinstance(metric, str)
-                and metric in _SHAPE_DEPENDENT_METRICS
-            ):
-                continue
-            if isinstance(metric, (str, dict)):
-                try:
-                    known = keras.metrics.get(metric) is not None
-                except (ValueError, TypeError, KeyError):
-                    known = False
-            else:
-                known = callable(metric)
-            if not known:
-                raise ValueError(
-                    f"`{argument}` must hold Keras metrics, the names of "
-                    "metrics or callables (y_true, y_pred) -> value. "
-                    f"Unknown metric: {metric!r}. "
-                    f"Received: {argument}={received!r}"
-                )
-    return per_head
-
-
-def _clone_metric(metric):
-    if isinstance(metric, keras.metrics.Metric):
-        return metric.__class__.from_config(metric.get_config())
-    return metric
-
-
-_SPARSE_LOSSES = (keras.losses.SparseCategoricalCrossentropy,)
-_SPARSE_FUNCTIONS = (keras.losses.sparse_categorical_crossentropy,)
-
-
-def _label_rule(loss_fn):
-    """The label shape rule for a loss, or None if it is unknown."""
-    fn = getattr(loss_fn, "fn", None)
-    if isinstance(loss_fn, _SPARSE_LOSSES) or fn in _SPARSE_FUNCTIONS:
-        return _sparse_labels_fit
-    owner = fn if isinstance(loss_fn, _compat.LossFunctionWrapper) else (
-        type(loss_fn))
-    if getattr(owner, "__module__", "").startswith("keras."):
-        return _dense_labels_fit
-    return None
-
-
-def _dims_match(a, b):
-    return len(a) == len(b) and all(
-        x is None or y is None or x == y for x, y in zip(a, b)
-    )
-
-
-def _sparse_labels_fit(y_shape, out_shape):
-    return _dims_match(y_shape, out_shape[:-1]) or (
-        _dims_match(y_shape[:-1], out_shape[:-1])
-        and len(y_shape) == len(out_shape)
-        and y_shape[-1] == 1
-    )
-
-
-def _dense_labels_fit(y_shape, out_shape):
-    return _dims_match(y_shape, out_shape) or (
-        _dims_match(y_shape, out_shape[:-1]) and out_shape[-1] == 1
-    )
 

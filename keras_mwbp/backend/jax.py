@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from keras_mwbp import _compat
+from keras_mwbp import resume
 from keras_mwbp._compat import operation_fn
 
 # Key of the nan_policy="raise" report in the step's logs (removed by the
@@ -278,7 +279,7 @@ def wrap_train_function(model, function):
     def train_function(state, iterator):
         if model._batches_to_skip > 0:
             restoring = model._resume_metric_values is not None
-            logs = model._skip_batches(iterator)
+            logs = resume.skip_batches(model, iterator)
             if restoring and model._resume_metric_values is None:
                 # The metrics' running totals were just set on the variables.
                 state = tuple(state[:-1]) + (

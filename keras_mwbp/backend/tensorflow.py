@@ -24,6 +24,7 @@ import re
 
 import keras
 import tensorflow as tf
+from keras_mwbp import resume
 from keras_mwbp._compat import operation_fn
 
 
@@ -257,7 +258,7 @@ def wrap_train_function(model, function):
 
     def train_function(iterator):
         if model._batches_to_skip > 0:
-            return model._skip_batches(iterator)
+            return resume.skip_batches(model, iterator)
         try:
             return function(iterator)
         except Exception as error:

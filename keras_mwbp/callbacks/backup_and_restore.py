@@ -10,6 +10,7 @@ import zlib
 import keras
 import numpy as np
 
+from keras_mwbp.resume import resume_in_epoch
 from keras_mwbp.saving import atomic_path
 from keras_mwbp.saving import check_writable_dir
 
@@ -292,8 +293,9 @@ class BackupAndRestore(keras.callbacks.Callback):
                 history.history[key] = values + history.history.get(key, [])
         if resume["step"] > 0 and epoch == resume["epoch"]:
             self._skip_until = resume["step"]
-            self.model._resume_in_epoch(
-                resume["step"], resume["logs"], self._metric_values
+            resume_in_epoch(
+                self.model, resume["step"], resume["logs"],
+                self._metric_values,
             )
 
     # --------------------------------------------------------------- backup
