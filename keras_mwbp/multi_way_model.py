@@ -389,6 +389,17 @@ class MultiWayModel(keras.Model):
         container = MultiWayOptimizer(
             optimizer, num_losses=len(groups), loss_scale=loss_scale
         )
+        if (container.loss_scale is not None
+                and keras.backend.backend() != "tensorflow"):
+            raise ValueError(
+                "Dynamic loss scaling (the mixed_float16 dtype policy, or a "
+                "LossScaleOptimizer as `optimizer`) is supported on the "
+                "TensorFlow backend only so far. Received: KERAS_BACKEND="
+                f"{keras.backend.backend()!r}, dtype policy "
+                f"{self.dtype_policy.name!r}, optimizer={optimizer!r}. Use "
+                "mixed_bfloat16 (no scaling needed), or pass "
+                "auto_scale_loss=False to train without loss scaling."
+            )
         container.set_variable_groups(groups, self.trainable_variables)
         previous = {
             name: self.__dict__.get(name, _MISSING)

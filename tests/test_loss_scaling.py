@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 
 from conftest import copy_weights
+from conftest import jax_only
 from conftest import mlp_data
 
 from keras_mwbp import MultiWayModel
 
 L = keras.layers
+# The loss scaling itself runs on TensorFlow; on JAX compile refuses it
+# (test_jax_refuses_loss_scaling_before_any_change).
+TENSORFLOW_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="dynamic loss scaling is TensorFlow-only so far",
+)
 
 
 def _net(method, seed=0, regularized=False):
@@ -50,6 +57,7 @@ def _kernels(model):
             for layer in model.layers if hasattr(layer, "kernel")}
 
 
+@TENSORFLOW_ONLY
 @pytest.mark.parametrize("method", ["mwbp", "joint"])
 def test_mixed_float16_scales_losses_so_tiny_gradients_train(
         mixed_float16, method):
@@ -85,6 +93,7 @@ def test_mixed_float16_scales_losses_so_tiny_gradients_train(
 
 @pytest.mark.parametrize(
     "method", ["mwbp", "reverse_mwbp", "naive_mwbp", "joint", "relay"])
+@TENSORFLOW_ONLY
 def test_an_explicit_loss_scale_optimizer_gives_the_unscaled_updates(method):
     """A power-of-two scale is exact in float32: the scaled step equals the
     plain one to round-off (regularizers included)."""
@@ -114,6 +123,7 @@ def huge_loss(y_true, y_pred):
         y_true, y_pred, from_logits=True)
 
 
+@TENSORFLOW_ONLY
 def test_an_overflowing_loss_skips_that_update_and_halves_its_scale():
     x, y = mlp_data(16)
     model = _net("mwbp")
@@ -139,6 +149,7 @@ def test_an_overflowing_loss_skips_that_update_and_halves_its_scale():
                for name, kernel in _kernels(model).items())
 
 
+@TENSORFLOW_ONLY
 def test_the_loss_scales_are_saved_with_the_model(tmp_path, mixed_float16):
     x, y = mlp_data(16)
     model = _net("mwbp")
@@ -158,6 +169,7 @@ def test_the_loss_scales_are_saved_with_the_model(tmp_path, mixed_float16):
             keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
 
 
+@TENSORFLOW_ONLY
 def test_mixed_bfloat16_gets_no_scaling():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -167,3 +179,27 @@ def test_mixed_bfloat16_gets_no_scaling():
         keras.mixed_precision.set_global_policy("float32")
     assert model.optimizer.loss_scale is None
     assert model.optimizer.loss_scales() is None
+
+
+@jax_only
+def test_jax_refuses_loss_scaling_before_any_change(mixed_float16):
+    model = _net("mwbp")
+    with pytest.raises(ValueError, match=(
+            r"Dynamic loss scaling .* is supported on the TensorFlow backend "
+            r"only so far\. Received: KERAS_BACKEND='jax', dtype policy "
+            r"'mixed_float16'.*auto_scale_loss=False")):
+        model.compile(optimizer="sgd", loss=keras.losses.
+                      SparseCategoricalCrossentropy(from_logits=True))
+    assert not model.compiled
+    explicit = _net("mwbp")
+    keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(ValueError, match="TensorFlow backend only"):
+        explicit.compile(
+            optimizer=keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD()),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model.compile(optimizer="sgd", auto_scale_loss=False, loss=keras.losses.
+                  SparseCategoricalCrossentropy(from_logits=True))
+    logs = model.train_on_batch(*mlp_data(16), return_dict=True)
+    assert np.isfinite(logs["loss"])
