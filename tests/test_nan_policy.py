@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import tensorflow_only
 from keras_mwbp import MultiWayModel
 
 L = keras.layers
@@ -431,6 +432,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@tensorflow_only  # tf.distribute.MirroredStrategy
 def test_skip_step_under_mirrored_strategy_changes_no_replica():
     """Two replicas, a NaN in one replica's half of the batch: both skip
     the step (the finiteness flags are all-reduced), and every replica's
