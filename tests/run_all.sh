@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): every Keras backend the project
+# supports, at both ends of the declared Keras range (pyproject.toml).
+#
+#   1. TensorFlow, the installed (newest) Keras: the whole suite.
+#   2. JAX, the same Keras: the tests of backend-neutral behaviour
+#      (JAX_FILES; TensorFlow-only tests inside them skip themselves).
+#   3. TensorFlow, the oldest declared Keras (KERAS_OLDEST) in a virtual
+#      environment over the installed packages: the tests that touch Keras
+#      internals (OLDEST_FILES).
+#
+# Set STAGES to a subset of "tensorflow jax oldest" to run fewer; extra
+# arguments go to every pytest run. Needs `pip install '.[test]'` first;
+# stage 3 installs Keras $KERAS_OLDEST (a package install, the only network
+# use) into $OLDEST_VENV.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+JOBS=${JOBS:-2}
+STAGES=${STAGES:-tensorflow jax oldest}
+KERAS_OLDEST=${KERAS_OLDEST:-3.12.0}
+OLDEST_VENV=${OLDEST_VENV:-${TMPDIR:-/tmp}/keras_mwbp-keras-$KERAS_OLDEST}
+
+JAX_FILES=(
+  tests/test_jax_step.py tests/test_jax_distribute.py
+  tests/test_reference.py
+  tests/test_methods_reference.py tests/test_learning_rate.py
+  tests/test_loss_scaling.py tests/test_regressions_issue9.py
+  tests/test_nan_policy.py tests/test_backup_and_restore.py
+  tests/test_skip_step_logs.py
+  tests/test_label_values.py tests/test_loss_names.py
+)
+OLDEST_FILES=(
+  tests/test_keras_versions.py tests/test_zoo.py tests/test_reference.py
+  tests/test_methods_reference.py tests/test_learning_rate.py
+  tests/test_loss_scaling.py tests/test_progbar_logger.py
+  tests/test_multi_way_optimizer.py tests/test_safe_loading.py
+)
+
+pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.
+  local python=$1
+  shift
+  local parallel=()
+  if [ "$JOBS" -gt 1 ] && "$python" -c "import xdist" 2>/dev/null; then
+    parallel=(-n "$JOBS")
+  fi
+  "$python" -m pytest -p no:cacheprovider -p no:benchmark "${parallel[@]}" "$@"
+}
+
+for stage in $STAGES; do
+  echo "=== $stage ==="
+  case "$stage" in
+  tensorflow)
+    KERAS_BACKEND=tensorflow pytest_run "$PYTHON" "$@"
+    ;;
+  jax)
+    KERAS_BACKEND=jax pytest_run "$PYTHON" "${JAX_FILES[@]}" "$@"
+    ;;
+  oldest)
+    if [ ! -x "$OLDEST_VENV/bin/python" ]; then
+      "$PYTHON" -m venv --system-site-packages "$OLDEST_VENV"
+    fi
+    "$OLDEST_VENV/bin/python" -m pip install --quiet "keras==$KERAS_OLDEST"
+    "$OLDEST_VENV/bin/python" -c "import keras; assert keras.__version__ == '$KERAS_OLDEST', keras.__version__"
+    KERAS_BACKEND=tensorflow pytest_run "$OLDEST_VENV/bin/python" \
+      "${OLDEST_FILES[@]}" "$@"
+    ;;
+  *)
+    echo "unknown stage $stage (use tensorflow, jax, oldest)" >&2
+    exit 2
+    ;;
+  esac
+done
