@@ -1,21 +1,35 @@
-"""Step time and peak memory of `standard`, `joint` and `mwbp` training.
+"""Step time and peak memory of `standard`, `joint` and `mwbp`, per backend.
 
 Trains the CIFAR ResNet with auxiliary heads (default: ResNet-56 with 5
-losses, heads after layers 15, 25, 35, 45) on random 32x32x3 data, one
-method per subprocess so that each peak resident set size (`ru_maxrss`) is
-that method's own. A step is one `train_on_batch` call, which returns its
-losses as NumPy values and so waits for the step to finish; the first
-`--warmup` steps (tracing and graph compilation) are not timed. The table
-gives the median step time and the peak memory, and their ratios to `joint`
-measured in the same run.
+losses, heads after layers 15, 25, 35, 45) on random 32x32x3 data. Every row
+runs in its own subprocess, under the Keras backend it names
+(`KERAS_BACKEND`), so each peak resident set size (`ru_maxrss`) is that
+row's own. A step is one `train_on_batch` call, which returns its losses as
+NumPy values and so waits for the step to finish; the first `--warmup` steps
+(tracing and compilation) are not timed. Rows:
+
+- `standard`, `joint`, `mwbp`: `MultiWayModel` with that method (nan_policy
+  "raise", the default); `mwbp-zero`: mwbp with nan_policy "zero" (no
+  snapshot and checks).
+- `keras-joint`: plain Keras Joint BP, a `keras.Model` with the same outputs
+  compiled with `loss_weights` = the gammas.
+- The floor of an exact MW-BP step, `F + sum_i B_i`: `F` is one training-mode
+  forward pass, `B_i` loss i's backward pass alone (forward plus backward of
+  loss i, minus `F`), each a compiled function of the backend timed in the
+  same run. Every exact implementation pays at least this.
+
+Ratios are to `joint` (and mwbp to the floor) on the same backend, from the
+same run.
 
 Usage:
 
-    python benchmarks/step_time.py --steps 20 --warmup 3
+    python benchmarks/step_time.py --backend tensorflow jax --steps 10
+    python benchmarks/step_time.py --backend jax --depth 20 --batch-size 32
 """
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import statistics
@@ -23,27 +37,9 @@ import subprocess
 import sys
 import time
 
-import keras
-import numpy as np
-import tensorflow as tf
-
-# Measure the checkout, in this process and in the workers.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from keras_mwbp.models import cifar_resnet  # noqa: E402
-from keras_mwbp.report import format_table  # noqa: E402
-
-# "mwbp-zero": mwbp with nan_policy="zero", which skips the default "raise"
-# policy's snapshot of the state and finiteness checks (their cost).
-METHODS = ("standard", "joint", "mwbp", "mwbp-zero")
-# (key, title, format) of each measurement; `gpu_peak_mib` on a GPU only.
-MEASUREMENTS = (
-    ("step_s", "step (s)", "{:.3f}"),
-    ("peak_rss_mib", "peak RSS (MiB)", "{:,.0f}"),
-    ("rss_growth_mib", "RSS growth (MiB)", "{:,.0f}"),
-    ("gpu_peak_mib", "GPU peak (MiB)", "{:,.0f}"),
-    ("step_peak_mib", "step peak (MiB)", "{:,.0f}"),
-)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BACKENDS = ("tensorflow", "jax", "torch")
+ROWS = ("standard", "joint", "mwbp", "mwbp-zero", "keras-joint", "floor")
 
 
 def peak_rss_mib():
@@ -51,99 +47,247 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(method, depth, losses, batch_size, steps, warmup):
-    """Trains one method in this process and returns its measurements."""
-    keras.utils.set_random_seed(0)
-    model = cifar_resnet(
-        depth, num_losses=losses, method=method.split("-")[0]
-    )
-    if method.endswith("-zero"):
-        model.nan_policy = "zero"  # Read when the train step is traced.
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    rng = np.random.default_rng(0)
-    x = rng.random((batch_size, 32, 32, 3), dtype="float32")
-    y = rng.integers(0, 10, size=(batch_size,)).astype("int32")
-    gpus = tf.config.list_physical_devices("GPU")
-    rss_before = peak_rss_mib()
+def _median_time(function, steps, warmup):
     for _ in range(warmup):
-        model.train_on_batch(x, y)
-    device = "GPU:0" if gpus else "CPU:0"
-    tf.config.experimental.reset_memory_stats(device)
+        function()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        model.train_on_batch(x, y)
+        function()
         times.append(time.perf_counter() - start)
-    rss_after = peak_rss_mib()
-    result = {
-        "method": method,
-        "device": "GPU" if gpus else "CPU",
-        "step_s": statistics.median(times),
-        "peak_rss_mib": rss_after,
-        "rss_growth_mib": rss_after - rss_before,
-    }
-    # TensorFlow's allocator peak over the timed steps: the step's own
-    # tensors, without the one-off tracing and graph-optimization memory
-    # that the RSS figures include.
-    peak = tf.config.experimental.get_memory_info(device)["peak"] / 2**20
-    result["gpu_peak_mib" if gpus else "step_peak_mib"] = peak
+    return statistics.median(times)
+
+
+def _model_and_data(args, method):
+    import keras
+    import numpy as np
+
+    from keras_mwbp.models import cifar_resnet
+
+    keras.utils.set_random_seed(0)
+    model = cifar_resnet(args.depth, num_losses=args.losses, method=method)
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch_size, 32, 32, 3), dtype="float32")
+    y = rng.integers(0, 10, size=(args.batch_size,)).astype("int32")
+    return model, x, y
+
+
+def _optimizer():
+    import keras
+
+    return keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+
+
+def _loss():
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def measure(row, args):
+    """Measures one row in this process."""
+    import keras
+
+    rss_before = peak_rss_mib()
+    result = {"row": row, "backend": keras.backend.backend()}
+    if row == "floor":
+        result.update(measure_floor(args))
+        return result
+    method = "joint" if row == "keras-joint" else row.split("-")[0]
+    model, x, y = _model_and_data(args, method)
+    if row == "keras-joint":
+        plain = keras.Model(model.inputs, model.outputs)
+        plain.compile(optimizer=_optimizer(),
+                      loss=[_loss()] * model.num_heads,
+                      loss_weights=list(model.head_weights))
+        labels = [y] * model.num_heads
+
+        def step():
+            plain.train_on_batch(x, labels)
+    else:
+        if row.endswith("-zero"):
+            model.nan_policy = "zero"  # Read when the step is traced.
+        model.compile(optimizer=_optimizer(), loss=_loss())
+
+        def step():
+            model.train_on_batch(x, y)
+
+    result["step_s"] = _median_time(step, args.steps, args.warmup)
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["rss_growth_mib"] = result["peak_rss_mib"] - rss_before
     return result
 
 
-def run_in_subprocess(method, args):
-    """Runs `measure` for one method in a fresh Python process."""
+def measure_floor(args):
+    """`F` and each `B_i` with the backend's own compiled functions."""
+    import keras
+
+    model, x, y = _model_and_data(args, "mwbp")
+    loss = _loss()
+    backend = keras.backend.backend()
+    heads = range(model.num_heads)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x, y = tf.constant(x), tf.constant(y)
+        compile_options = {"jit_compile": False}
+        forward = tf.function(lambda: model(x, training=True),
+                              **compile_options)
+
+        def backward_of(i):
+            variables = model._head_graph.loss_variables[i]
+
+            @tf.function(**compile_options)
+            def run():
+                with tf.GradientTape() as tape:
+                    value = loss(y, model(x, training=True)[i])
+                return tape.gradient(value, variables)
+
+            return run
+
+        def wait(value):
+            return tf.nest.map_structure(lambda t: t.numpy(), value)
+    elif backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        @jax.jit
+        def forward_fn(trainable, non_trainable):
+            return model.stateless_call(trainable, non_trainable, x,
+                                        training=True)
+
+        def forward():
+            return forward_fn(trainable, non_trainable)
+
+        def backward_of(i):
+            def loss_i(trainable):
+                outputs, _ = model.stateless_call(
+                    trainable, non_trainable, x, training=True)
+                return loss(y, outputs[i])
+
+            grad = jax.jit(jax.grad(loss_i))
+            return lambda: grad(trainable)
+
+        wait = jax.block_until_ready
+    else:
+        raise SystemExit(f"no floor measurement for backend {backend!r}")
+    forward_s = _median_time(lambda: wait(forward()), args.steps, args.warmup)
+    both = []
+    for i in heads:
+        run = backward_of(i)
+        both.append(_median_time(lambda: wait(run()), args.steps,
+                                 args.warmup))
+    backward_s = [max(0.0, t - forward_s) for t in both]
+    return {
+        "forward_s": forward_s,
+        "backward_s": backward_s,
+        "step_s": forward_s + sum(backward_s),
+    }
+
+
+def run_in_subprocess(backend, row, args):
+    """Runs `measure` for one row in a fresh Python process."""
     command = [
-        sys.executable, __file__, "--worker", method,
+        sys.executable, __file__, "--worker", row,
         "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--batch-size", str(args.batch_size), "--depth", str(args.depth),
         "--losses", str(args.losses),
     ]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True,
+                          check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def with_ratios(results):
-    """Adds `"<key>_ratio"`: each measurement divided by `joint`'s."""
-    joint = next(r for r in results if r["method"] == "joint")
-    keys = [key for key, _, _ in MEASUREMENTS if key in joint]
-    return [
-        {**r, **{f"{key}_ratio": r[key] / joint[key] for key in keys}}
-        for r in results
-    ]
+def table(rows, columns):
+    """Aligned text table of dicts; `columns` = (key, title, format)."""
+    cells = [[title for _, title, _ in columns]]
+    for row in rows:
+        cells.append([
+            "-" if row.get(key) is None else fmt.format(row[key])
+            for key, _, fmt in columns
+        ])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(r, widths)))
+        for r in cells
+    )
+
+
+def report(backend, results):
+    by_row = {r["row"]: r for r in results}
+    joint = by_row.get("joint")
+    floor = by_row.get("floor")
+    for r in results:
+        if joint:
+            r["step_ratio"] = r["step_s"] / joint["step_s"]
+            if "peak_rss_mib" in r:
+                r["rss_ratio"] = r["peak_rss_mib"] / joint["peak_rss_mib"]
+        if floor and r["row"] != "floor":
+            r["floor_ratio"] = r["step_s"] / floor["step_s"]
+    lines = [table(
+        [r for r in results if r["row"] != "floor"],
+        [("row", "method", "{}"), ("step_s", "step (s)", "{:.3f}"),
+         ("step_ratio", "/ joint", "{:.2f}x"),
+         ("floor_ratio", "/ floor", "{:.2f}x"),
+         ("peak_rss_mib", "peak RSS (MiB)", "{:,.0f}"),
+         ("rss_ratio", "/ joint", "{:.2f}x")],
+    )]
+    if floor:
+        backward = ", ".join(f"{b:.3f}" for b in floor["backward_s"])
+        lines.append(
+            f"floor F + sum B_i = {floor['forward_s']:.3f} + "
+            f"({backward}) = {floor['step_s']:.3f} s"
+            + (f"; mwbp / floor = {by_row['mwbp']['floor_ratio']:.2f}x"
+               if "mwbp" in by_row else "")
+            + (f"; joint / keras-joint = "
+               f"{joint['step_s'] / by_row['keras-joint']['step_s']:.2f}x"
+               if joint and "keras-joint" in by_row else "")
+        )
+    return f"backend {backend}\n" + "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20,
-                        help="timed steps per method")
-    parser.add_argument("--warmup", type=int, default=3,
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS,
+                        default=["tensorflow"])
+    parser.add_argument("--rows", nargs="+", choices=ROWS,
+                        default=["standard", "joint", "mwbp", "keras-joint",
+                                 "floor"])
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps first (tracing, compilation)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--losses", type=int, default=5,
                         help="number of heads, final included")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", choices=ROWS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
     if args.worker:
-        print(json.dumps(measure(args.worker, args.depth, args.losses,
-                                 args.batch_size, args.steps, args.warmup)))
+        print(json.dumps(measure(args.worker, args)))
         return
-    results = with_ratios([run_in_subprocess(m, args) for m in METHODS])
-    columns = [("method", "method", "{}")]
-    for key, title, fmt in MEASUREMENTS:
-        if key in results[0]:
-            columns += [(key, title, fmt), (f"{key}_ratio", "/ joint", "{:.2f}x")]
     print(
         f"ResNet-{args.depth}, {args.losses} losses, batch {args.batch_size} "
         f"of 32x32x3, median of {args.steps} steps after {args.warmup} "
-        f"warm-up steps, {results[0]['device']}"
+        "warm-up steps"
     )
-    print(format_table(results, columns))
+    everything = {}
+    for backend in args.backend:
+        results = [run_in_subprocess(backend, row, args) for row in args.rows]
+        everything[backend] = results
+        print(report(backend, results), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=1)
 
 
 if __name__ == "__main__":
