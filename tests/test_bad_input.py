@@ -201,6 +201,10 @@ CASES = [
     # ------------------------------------------------ MultiWayModel(...)
     case("model/unknown method", lambda e: model(method="sgd"),
          ValueError, "`method`", "method='sgd'"),
+    case("model/shuffle_seed negative", lambda e: model(shuffle_seed=-1),
+         ValueError, "`shuffle_seed`", "shuffle_seed=-1"),
+    case("model/shuffle_seed a float", lambda e: model(shuffle_seed=1.5),
+         ValueError, "`shuffle_seed`", "shuffle_seed=1.5"),
     case("model/nu zero", lambda e: model(nu=0),
          ValueError, "`nu`", "nu=0"),
     case("model/nu negative", lambda e: model(nu=-1),
@@ -500,6 +504,19 @@ CASES = [
     case("data.load/batch_size a string",
          lambda e: mw_data.load("digits", batch_size="32"),
          ValueError, "`batch_size`", "batch_size='32'"),
+    case("MultiWayOptimizer/loss_scale a number",
+         lambda e: keras_mwbp.MultiWayOptimizer(sgd(), num_losses=2,
+                                                loss_scale=128.0),
+         ValueError, "`loss_scale`", "loss_scale=128.0"),
+    case("MultiWayOptimizer/loss_scale unknown option",
+         lambda e: keras_mwbp.MultiWayOptimizer(
+             sgd(), num_losses=2, loss_scale={"scale": 2.0}),
+         ValueError, "`loss_scale`", "loss_scale={'scale': 2.0}"),
+    case("MultiWayOptimizer/loss_scale initial_scale zero",
+         lambda e: keras_mwbp.MultiWayOptimizer(
+             sgd(), num_losses=2, loss_scale={"initial_scale": 0}),
+         ValueError, "`loss_scale['initial_scale']`",
+         "loss_scale={'initial_scale': 0}"),
     case("MultiWayOptimizer/no losses",
          lambda e: keras_mwbp.MultiWayOptimizer(sgd(), num_losses=0),
          ValueError, "`num_losses`", "num_losses=0"),
@@ -525,8 +542,7 @@ def test_bad_input_raises_naming_the_argument_and_changes_nothing(
 ENTRY_POINTS = {
     "model": ([keras_mwbp.MultiWayModel.__init__,
                keras_mwbp.MultiWayModel.exit_model],
-              {"inputs": "any Keras inputs; `outputs` is checked against them",
-               "shuffle_seed": "checked; no case yet"}),
+              {"inputs": "any Keras inputs; `outputs` is checked against them"}),
     "compile": ([keras_mwbp.MultiWayModel.compile], {}),
     "set_nu": ([keras_mwbp.MultiWayModel.set_nu], {}),
     "gammas_from_depths": ([keras_mwbp.gammas_from_depths],
@@ -546,8 +562,7 @@ ENTRY_POINTS = {
                    "as_images": "any truth value"}),
     "MultiWayOptimizer": ([keras_mwbp.MultiWayOptimizer.__init__],
                           {"optimizer": "the compile/optimizer cases",
-                           "name": "any optimizer name",
-                           "loss_scale": "checked; no case yet"}),
+                           "name": "any optimizer name"}),
 }
 
 
