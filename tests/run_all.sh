@@ -27,7 +27,14 @@ JAX_FILES=(
   tests/test_reference.py
   tests/test_methods_reference.py tests/test_learning_rate.py
   tests/test_loss_scaling.py tests/test_regressions_issue9.py
-  tests/test_nan_policy.py tests/test_backup_and_restore.py
+  tests/test_nan_policy.py
+  # BackupAndRestore on JAX: the step-exact resume and the checks that
+  # touch the model (the rest of the file is backend-neutral file logic).
+  tests/test_backup_and_restore.py::test_resume_mid_epoch_equals_uninterrupted_run
+  tests/test_backup_and_restore.py::test_backup_of_another_model_is_refused_before_any_change
+  tests/test_backup_and_restore.py::test_backup_records_what_defines_the_position
+  tests/test_backup_and_restore.py::test_request_stop_backs_up_the_batch_and_resumes_exactly
+  tests/test_backup_and_restore.py::test_rerun_after_the_last_backup_restores_state_and_history
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
 )
@@ -45,7 +52,7 @@ pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.
   if [ "$JOBS" -gt 1 ] && "$python" -c "import xdist" 2>/dev/null; then
     parallel=(-n "$JOBS")
   fi
-  "$python" -m pytest -p no:cacheprovider -p no:benchmark "${parallel[@]}" "$@"
+  "$python" -m pytest -p no:cacheprovider -p no:benchmark --durations=15 "${parallel[@]}" "$@"
 }
 
 for stage in $STAGES; do
