@@ -211,13 +211,15 @@ class MultiWayModel(keras.Model):
         self._given_head_weights = head_weights
         # Non-trainable variables, so that a callback can change them between
         # steps without retracing the train step; saved with the weights.
+        # float64 where the backend has it (JAX only with JAX_ENABLE_X64).
+        weight_dtype = backends.widest_float()
         self._nu = self.add_weight(
-            shape=(), trainable=False, dtype="float64", name="nu"
+            shape=(), trainable=False, dtype=weight_dtype, name="nu"
         )
         self._gammas = self.add_weight(
             shape=(len(self.outputs),),
             trainable=False,
-            dtype="float64",
+            dtype=weight_dtype,
             name="head_weights",
         )
         self._nu.assign(float(nu))

@@ -45,3 +45,15 @@ def get():
     return importlib.import_module(
         f"keras_mwbp.backend.{keras.backend.backend()}"
     )
+
+
+def widest_float():
+    """`"float64"`, or `"float32"` on JAX without 64-bit types
+    (`JAX_ENABLE_X64`), where a float64 variable would be truncated with a
+    warning."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return "float32"
+    return "float64"
