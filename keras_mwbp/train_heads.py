@@ -141,7 +141,10 @@ def train_heads(
         )
         if arrays is None:
             dataset = data.map(lambda x, y: (x, targets(y)))
-            return heads_model.fit(dataset, epochs=epochs, verbose=verbose)
+            # A dataset keeps its own order (Keras warns about shuffle=True).
+            return heads_model.fit(
+                dataset, epochs=epochs, shuffle=False, verbose=verbose
+            )
         x, y = arrays
         history = keras.callbacks.History()
         history.set_model(heads_model)

@@ -767,9 +767,11 @@ def test_loss_per_head_forms_equal_a_single_loss(form):
     ["sparse_categorical_crossentropy"] * 3,
 ], ids=["name", "function", "list_of_names"])
 def test_compile_accepts_loss_names_and_functions(loss):
-    # From probabilities (from_logits=False), as Keras's own function.
+    # From probabilities (from_logits=False), as Keras's own function; the
+    # heads output logits, so compile warns (tests/test_conventions.py).
     model = mlp_model("mwbp")
-    model.compile(optimizer=sgd(), loss=loss)
+    with pytest.warns(UserWarning, match="expects probabilities"):
+        model.compile(optimizer=sgd(), loss=loss)
     x, y = mlp_data(16, seed=10)
     predictions = model.predict(x, verbose=0)
     results = model.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)

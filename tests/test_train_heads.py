@@ -1,5 +1,7 @@
 """`keras_mwbp.train_heads`: frozen-trunk training of the auxiliary heads."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -81,10 +83,14 @@ def test_trunk_fixed_bit_for_bit_and_every_head_loss_decreases(as_dataset):
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     else:
         data = (x, y)
-    history = train_heads(
-        model, data, epochs=4,
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9), batch_size=32,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = train_heads(
+            model, data, epochs=4,
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9), batch_size=32,
+        )
+    # No "shuffle=True was passed, but will be ignored" for a dataset.
+    assert not [w for w in caught if "shuffle" in str(w.message)]
 
     trunk_after = _values(model, TRUNK)
     for key, value in trunk_before.items():
