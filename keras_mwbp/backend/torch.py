@@ -50,8 +50,14 @@ class TorchStep:
             (variable, value)}` (a new forward pass of the same step).
     """
 
-    def __init__(self, graph, initial_state=None):
+    def __init__(self, graph, initial_state=None, rng_states=None):
         self.graph = graph
+        # Torch's global random state before each node's call in the shared
+        # forward pass: Keras's torch Dropout without a seed draws its mask
+        # from it, so a re-call (a VJP, naive MW-BP's new forward pass)
+        # replays it to get the same mask.
+        self.replay = rng_states is not None
+        self.rng_states = dict(rng_states or {})
         self.edges = {}
         self.states = {}
         self.initial_state = dict(initial_state or {})
@@ -63,7 +69,7 @@ class TorchStep:
         """A new step for another forward pass from this step's initial
         state (same dropout masks), for naive MW-BP; its state is not
         committed."""
-        return TorchStep(self.graph, self.initial_state)
+        return TorchStep(self.graph, self.initial_state, self.rng_states)
 
     def recording(self, persistent):
         """No tape: gradients are re-calls of the nodes (`_node_vjp`)."""
@@ -93,7 +99,15 @@ class TorchStep:
                 ]
                 params = [_leaf(v.value, False)
                           for v in self.graph.node_variables(index)]
-                outputs, scope = self._call(index, edges, params, training)
+                if self.replay:
+                    outputs, scope = self._call(
+                        index, edges, params, training, replay=True
+                    )
+                else:
+                    self.rng_states[index] = _rng_state()
+                    outputs, scope = self._call(
+                        index, edges, params, training
+                    )
                 for variable, _ in self.states[index]:
                     new_value = scope.get_current_value(variable)
                     if new_value is not None:
@@ -110,10 +124,14 @@ class TorchStep:
             self.new_state[id(variable)] = value
         return self.new_state[id(variable)][1]
 
-    def _call(self, index, values, params, training):
+    def _call(self, index, values, params, training, replay=False):
         """Node `index` on input `values` (by tensor id), its trainable
-        variables at `params` and its state as recorded; returns the flat
+        variables at `params` and its state as recorded (with `replay`, the
+        global random state too, which is left as it was); returns the flat
         outputs and the scope holding the state it wrote."""
+        if replay:
+            with _replayed_rng(self.rng_states[index]):
+                return self._call(index, values, params, training)
         node = self.graph.nodes[index]
         mapping = list(zip(self.graph.node_variables(index), params))
         mapping += list(self.states[index])
@@ -205,7 +223,9 @@ class TorchStep:
         values.update(zip(input_ids, inputs))
         params = [_leaf(v.value, True) for v in variables]
         with torch.enable_grad():
-            outputs = self._call(index, values, params, training=True)[0]
+            outputs = self._call(
+                index, values, params, training=True, replay=True
+            )[0]
             pairs = [
                 (out, ct.to(out.dtype))
                 for out, ct in zip(outputs, output_cts)
@@ -349,6 +369,32 @@ def _leaf(value, requires_grad):
     if requires_grad and tensor.is_floating_point():
         tensor.requires_grad_(True)
     return tensor
+
+
+def _rng_devices():
+    """The CUDA device whose random state is kept (Keras's torch backend
+    runs on it when CUDA is available), if any."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
+def _rng_state():
+    """Torch's global random state now (CPU, and the current CUDA device
+    when Keras runs there)."""
+    cuda = [torch.cuda.get_rng_state(d) for d in _rng_devices()]
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(state):
+    """Runs the body from the random state `state` and puts the global
+    random state back afterwards."""
+    cpu, cuda = state
+    devices = _rng_devices()
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        for device, value in zip(devices, cuda):
+            torch.cuda.set_rng_state(value, device)
+        yield
 
 
 def _copy(value):
