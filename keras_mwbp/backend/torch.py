@@ -255,7 +255,13 @@ def train_step(model, data):
     from keras_mwbp import algorithm
 
     with torch.no_grad():
-        return algorithm.TrainingStep(model, sys.modules[__name__]).run(data)
+        logs = algorithm.TrainingStep(model, sys.modules[__name__]).run(data)
+        # Copies: a metric's result or `nu` can be the variable's own storage,
+        # which a later in-place write (a metrics reset) would change.
+        return {
+            name: _copy(value) if isinstance(value, torch.Tensor) else value
+            for name, value in logs.items()
+        }
 
 
 def wrap_train_function(model, function):
