@@ -622,7 +622,8 @@ class MultiWayModel(keras.Model):
     def train_step(self, *args):
         """One training step (`keras_mwbp.algorithm.TrainingStep`), as the
         backend's Keras trainer calls it: `train_step(data)` under
-        TensorFlow, the stateless `train_step(state, data)` under JAX."""
+        TensorFlow and torch, the stateless `train_step(state, data)` under
+        JAX."""
         return backends.get().train_step(self, *args)
 
     def test_step(self, *args):

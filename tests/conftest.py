@@ -21,6 +21,9 @@ tensorflow_only = pytest.mark.skipif(
 jax_only = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="needs the JAX backend"
 )
+torch_only = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="needs the torch backend"
+)
 
 NUM_CLASSES = 3
 MLP_INPUT_SHAPE = (6,)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import copy_weights
-from conftest import jax_only
 from conftest import mlp_data
 
 from keras_mwbp import MultiWayModel
@@ -181,12 +180,16 @@ def test_mixed_bfloat16_gets_no_scaling():
     assert model.optimizer.loss_scales() is None
 
 
-@jax_only
+@pytest.mark.skipif(
+    keras.backend.backend() not in ("jax", "torch"),
+    reason="compile refuses loss scaling on JAX and torch")
 def test_jax_refuses_loss_scaling_before_any_change(mixed_float16):
+    """(Torch too.)"""
     model = _net("mwbp")
+    backend = keras.backend.backend()
     with pytest.raises(ValueError, match=(
             r"Dynamic loss scaling .* is supported on the TensorFlow backend "
-            r"only so far\. Received: KERAS_BACKEND='jax', dtype policy "
+            rf"only so far\. Received: KERAS_BACKEND='{backend}', dtype policy "
             r"'mixed_float16'.*auto_scale_loss=False")):
         model.compile(optimizer="sgd", loss=keras.losses.
                       SparseCategoricalCrossentropy(from_logits=True))

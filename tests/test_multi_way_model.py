@@ -167,7 +167,11 @@ class FixedMask(keras.layers.Layer):
         self.mask = np.asarray(mask, dtype="float32")
 
     def call(self, x):
-        return x * self.mask
+        return x * keras.ops.convert_to_tensor(self.mask)
+
+    def compute_output_shape(self, input_shape):
+        # (torch builds the model with a placeholder batch size.)
+        return input_shape
 
 
 def dropout_model(middle, method="mwbp"):
@@ -766,6 +770,12 @@ def test_loss_per_head_forms_equal_a_single_loss(form):
     keras.losses.sparse_categorical_crossentropy,
     ["sparse_categorical_crossentropy"] * 3,
 ], ids=["name", "function", "list_of_names"])
+# Known (torch): Keras's torch sparse_categorical_crossentropy with
+# from_logits=False gives NaN on this model's raw outputs (TensorFlow clips
+# them to [eps, 1 - eps] first), so the expected value itself is NaN there.
+@pytest.mark.xfail(
+    keras.backend.backend() == "torch", strict=True,
+    reason="Keras's torch probability cross-entropy is NaN on raw outputs")
 def test_compile_accepts_loss_names_and_functions(loss):
     # From probabilities (from_logits=False), as Keras's own function; the
     # heads output logits, so compile warns (tests/test_conventions.py).

@@ -43,6 +43,22 @@ MODES = pytest.mark.parametrize(
 )
 
 
+# Known (torch): Keras's torch Dropout without a seed draws its mask from
+# torch's global random generator, not from a per-layer seed state, so two
+# identically seeded twins trained one after the other get different masks
+# (they differ after their first common batch already). Strict: fails once
+# the twins agree.
+_TORCH_UNSEEDED_DROPOUT = pytest.mark.xfail(
+    keras.backend.backend() == "torch", strict=True,
+    reason="Keras's torch Dropout without a seed uses torch's global RNG")
+# Known (torch): Keras's torch BatchNormalization turns the 1e30 row into NaN
+# outputs (TensorFlow: 0), so head 0's loss is the first non-finite check,
+# not the new state. Strict: fails once the message names the state.
+_TORCH_BN_NAN = pytest.mark.xfail(
+    keras.backend.backend() == "torch", strict=True,
+    reason="Keras's torch BatchNorm gives NaN outputs for a 1e30 input")
+
+
 # ------------------------------------------------------------------ models
 def dense_net(method, nan_policy, batch_norm=True, dropout=False, seed=0):
     """x (4) -> d1 -> [bn] -> relu -> aux (2 logits); d2 -> [dropout] ->
@@ -236,6 +252,7 @@ def test_raise_on_a_non_finite_sample_weight(method, bad):
 # -------------------------------------------------------------- skip_step
 @MODES
 @pytest.mark.parametrize("method", METHODS)
+@_TORCH_UNSEEDED_DROPOUT
 def test_skip_step_changes_nothing_and_the_next_step_is_unaffected(
     method, run_eagerly
 ):
@@ -269,6 +286,7 @@ def test_skip_step_changes_nothing_and_the_next_step_is_unaffected(
 
 @MODES
 @pytest.mark.parametrize("method", METHODS)
+@_TORCH_UNSEEDED_DROPOUT
 def test_skip_step_in_fit_logs_and_trains_as_without_the_bad_batch(
     method, run_eagerly
 ):
@@ -454,7 +472,8 @@ def test_skip_step_under_mirrored_strategy_changes_no_replica():
     assert result["finite_after"]
 
 
-@pytest.mark.parametrize("policy", ["raise", "skip_step"])
+@pytest.mark.parametrize(
+    "policy", [pytest.param("raise", marks=_TORCH_BN_NAN), "skip_step"])
 def test_infinite_batchnorm_statistics_are_caught(policy):
     """Finite losses and gradients, but an extreme input makes the new
     moving variance infinite: the step is undone (and named under raise)."""

@@ -387,6 +387,16 @@ _JAX_MASK_FLIP = pytest.mark.xfail(
     "TensorFlow's lowest node keeps the shared forward's mask")
 
 
+# Known (torch): the hand computation is float64 at rtol 1e-9; Keras's
+# torch `ops.matmul` rounds float64 products to float32 (result_type maps
+# float64 to float32 off TensorFlow). Both cases pass with that cast patched
+# out. Strict: the test fails once Keras keeps float64 matmuls in float64.
+_TORCH_FLOAT64_MATMUL = pytest.mark.xfail(
+    keras.backend.backend() == "torch", strict=True,
+    reason="Keras's torch matmul rounds float64 products to float32")
+
+
+@_TORCH_FLOAT64_MATMUL
 @pytest.mark.parametrize("method, order", [
     ("mwbp", [0, 1]),
     pytest.param("reverse_mwbp", [1, 0], marks=_JAX_MASK_FLIP),

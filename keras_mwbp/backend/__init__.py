@@ -17,14 +17,15 @@ supplies:
   `regularization_gradients`;
 - `train_step(model, ...)` and `wrap_train_function(model)`: how Keras's
   trainer of that backend calls the step (TensorFlow: `train_step(data)` on
-  variables; JAX: a stateless, jit-compiled `train_step(state, data)`).
+  variables; JAX: a stateless, jit-compiled `train_step(state, data)`;
+  torch: an eager `train_step(data)` on the variables).
 """
 
 import importlib
 
 import keras
 
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def check_supported():

@@ -1,0 +1,426 @@
+"""The PyTorch part of the training step: eager, re-linearized, exact.
+
+Keras's torch trainer calls `model.train_step(data)` eagerly, on the
+variables themselves. `train_step` below runs `keras_mwbp.algorithm` under
+`torch.no_grad()`: the shared forward pass builds no autograd graph, and the
+optimizer updates write the variables in place, as Keras's own torch
+trainer does.
+
+`TorchStep` records the shared forward pass node by node, as `JaxStep`
+does: each node's inputs (the features of the forward pass), its
+non-trainable state before the call (BatchNorm statistics, dropout seeds,
+cloned: torch assigns variables in place) and its outputs. The gradient of
+a linear combination of the head losses is a reverse pass over the recorded
+nodes; each node's vector-Jacobian product is taken by calling the node
+again, under `torch.enable_grad()`, on detached copies of its stored inputs
+and on detached leaves of its parameters' *current* values (after the
+updates of the earlier losses of the step: paper Eq. 10), in a
+`keras.StatelessScope` that replays its recorded state, and
+`torch.autograd.grad` of that call. No autograd graph outlives the node's
+VJP, so nothing is ever back-propagated through a tensor an optimizer has
+since written in place.
+"""
+
+import contextlib
+import sys
+
+import keras
+import torch
+
+from keras_mwbp import resume
+from keras_mwbp._compat import operation_fn
+
+
+class NonFiniteStep(Exception):
+    """A failed `nan_policy="raise"` check (step, head); the wrapped train
+    function turns it into a `FloatingPointError`."""
+
+    def __init__(self, step, head):
+        super().__init__(step, head)
+        self.step = step
+        self.head = head
+
+
+class TorchStep:
+    """One training step's forward record and vector-Jacobian products.
+
+    Args:
+        graph: The model's `HeadGraph`.
+        initial_state: Optional state before the step, `{id(variable):
+            (variable, value)}` (a new forward pass of the same step).
+    """
+
+    def __init__(self, graph, initial_state=None, rng_states=None):
+        self.graph = graph
+        # Torch's global random state before each node's call in the shared
+        # forward pass: Keras's torch Dropout without a seed draws its mask
+        # from it, so a re-call (a VJP, naive MW-BP's new forward pass)
+        # replays it to get the same mask.
+        self.replay = rng_states is not None
+        self.rng_states = dict(rng_states or {})
+        self.edges = {}
+        self.states = {}
+        self.initial_state = dict(initial_state or {})
+        self.new_state = dict(self.initial_state)
+        self.loss_inputs = []
+        self.loss_fns = {}
+
+    def fresh(self):
+        """A new step for another forward pass from this step's initial
+        state (same dropout masks), for naive MW-BP; its state is not
+        committed."""
+        return TorchStep(self.graph, self.initial_state, self.rng_states)
+
+    def recording(self, persistent):
+        """No tape: gradients are re-calls of the nodes (`_node_vjp`)."""
+        del persistent
+        return torch.no_grad()
+
+    # -------------------------------------------------------------- forward
+    def forward(self, model, x, training=True, nodes=None):
+        """Runs the nodes (all, or the indices in `nodes`) and records each
+        one's inputs and state; returns the model outputs (None where not
+        computed)."""
+        tensors = {
+            id(ref): value
+            for ref, value in zip(model.inputs, model._standardize_inputs(x))
+        }
+        with torch.no_grad():
+            for index, node in enumerate(self.graph.nodes):
+                if nodes is not None and index not in nodes:
+                    continue
+                edges = {id(t): tensors[id(t)] for t in node.input_tensors}
+                self.edges[index] = edges
+                self.states[index] = [
+                    (v, self._state_value(v))
+                    for v in getattr(
+                        node.operation, "non_trainable_variables", []
+                    )
+                ]
+                params = [_leaf(v.value, False)
+                          for v in self.graph.node_variables(index)]
+                if self.replay:
+                    outputs, scope = self._call(
+                        index, edges, params, training, replay=True
+                    )
+                else:
+                    self.rng_states[index] = _rng_state()
+                    outputs, scope = self._call(
+                        index, edges, params, training
+                    )
+                for variable, _ in self.states[index]:
+                    new_value = scope.get_current_value(variable)
+                    if new_value is not None:
+                        self.new_state[id(variable)] = (variable, new_value)
+                for ref, value in zip(node.outputs, outputs):
+                    tensors[id(ref)] = value
+        self.loss_inputs = [tensors.get(id(o)) for o in model.outputs]
+        return self.loss_inputs
+
+    def _state_value(self, variable):
+        if id(variable) not in self.new_state:
+            value = (variable, _copy(variable.value))
+            self.initial_state[id(variable)] = value
+            self.new_state[id(variable)] = value
+        return self.new_state[id(variable)][1]
+
+    def _call(self, index, values, params, training, replay=False):
+        """Node `index` on input `values` (by tensor id), its trainable
+        variables at `params` and its state as recorded (with `replay`, the
+        global random state too, which is left as it was); returns the flat
+        outputs and the scope holding the state it wrote."""
+        if replay:
+            with _replayed_rng(self.rng_states[index]):
+                return self._call(index, values, params, training)
+        node = self.graph.nodes[index]
+        mapping = list(zip(self.graph.node_variables(index), params))
+        mapping += list(self.states[index])
+        args, kwargs = node.arguments.fill_in(values)
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            outputs = operation_fn(node.operation, training=training)(
+                *args, **kwargs
+            )
+        return keras.tree.flatten(outputs), scope
+
+    def commit_state(self, after=()):
+        """Writes the forward pass's new non-trainable state, once."""
+        del after
+        for variable, value in self.new_state.values():
+            variable.assign(value)
+
+    # --------------------------------------------------------------- losses
+    def losses(self, loss_fns, y, y_pred, sample_weight):
+        """Each head's loss; records the functions for their VJPs."""
+        return [
+            self.loss(i, loss_fn, y, out, sample_weight)
+            for i, (loss_fn, out) in enumerate(zip(loss_fns, y_pred))
+        ]
+
+    def loss(self, index, loss_fn, y, output, sample_weight):
+        """Head `index`'s loss of `output`; records it for its VJP."""
+
+        def head_loss(logits):
+            return loss_fn(y, logits, sample_weight=sample_weight)
+
+        self.loss_fns[index] = head_loss
+        with torch.no_grad():
+            return head_loss(output)
+
+    # ------------------------------------------------------------ gradients
+    def gradients(self, objective, variables):
+        """Gradients of an `algorithm.Objective` for `variables`, by VJPs of
+        every node at its stored inputs and current parameters."""
+        return self._backward(objective.coefficients, variables)
+
+    def multiway_gradients(self, index, objective, updated_ids):
+        """Gradients of loss `index`'s objective at the current parameters
+        (those updated by earlier losses of the step included), for
+        `graph.loss_variables[index]`."""
+        del updated_ids  # Every node is linearized at its current values.
+        return self._backward(
+            objective.coefficients, self.graph.loss_variables[index]
+        )
+
+    def _backward(self, coefficients, variables):
+        graph = self.graph
+        cotangents, var_grads, nodes = {}, {}, set()
+        for head, coefficient in coefficients:
+            logits = _leaf(self.loss_inputs[head], True)
+            with torch.enable_grad():
+                value = self.loss_fns[head](logits)
+                seed = torch.ones_like(value) * _as_tensor(
+                    coefficient, value.dtype
+                )
+                (grad,) = torch.autograd.grad(value, [logits], seed)
+            _accumulate(cotangents, graph.output_ids[head], grad)
+            nodes |= graph.ancestors[head]
+        for index in sorted(nodes, reverse=True):
+            self._node_vjp(index, cotangents, var_grads)
+        return [
+            var_grads[id(v)] if id(v) in var_grads
+            else torch.zeros_like(v.value).detach()
+            for v in variables
+        ]
+
+    def _node_vjp(self, index, cotangents, var_grads):
+        """Node `index`'s VJP at its stored inputs and the current values of
+        its parameters; adds to `cotangents` (by input tensor) and
+        `var_grads` (by variable)."""
+        node = self.graph.nodes[index]
+        output_cts = [cotangents.get(id(o)) for o in node.outputs]
+        if all(ct is None for ct in output_cts):
+            return
+        edges = self.edges[index]
+        # Inputs made by another node, of a float dtype (the model's inputs
+        # and integer tensors need no cotangent).
+        input_ids = [
+            ref_id for ref_id, value in edges.items()
+            if ref_id in self.graph.producer and _is_float(value)
+        ]
+        variables = self.graph.node_variables(index)
+        values = dict(edges)
+        inputs = [_leaf(edges[i], True) for i in input_ids]
+        values.update(zip(input_ids, inputs))
+        params = [_leaf(v.value, True) for v in variables]
+        with torch.enable_grad():
+            outputs = self._call(
+                index, values, params, training=True, replay=True
+            )[0]
+            pairs = [
+                (out, ct.to(out.dtype))
+                for out, ct in zip(outputs, output_cts)
+                if ct is not None and _is_float(out) and out.requires_grad
+            ]
+            if not pairs:
+                return
+            grads = torch.autograd.grad(
+                [out for out, _ in pairs],
+                inputs + params,
+                grad_outputs=[ct for _, ct in pairs],
+                allow_unused=True,
+            )
+        for ref_id, grad in zip(input_ids, grads):
+            _accumulate(cotangents, ref_id, grad)
+        for variable, grad in zip(variables, grads[len(inputs):]):
+            _accumulate(var_grads, id(variable), grad)
+
+
+Step = TorchStep
+
+
+# ------------------------------------------------------- the Keras trainer
+def train_step(model, data):
+    """`model.train_step(data)` for Keras's torch trainer (eager, on the
+    variables): the algorithm without an autograd graph."""
+    from keras_mwbp import algorithm
+
+    with torch.no_grad():
+        logs = algorithm.TrainingStep(model, sys.modules[__name__]).run(data)
+        # Copies: a metric's result or `nu` can be the variable's own storage,
+        # which a later in-place write (a metrics reset) would change.
+        return {
+            name: _copy(value) if isinstance(value, torch.Tensor) else value
+            for name, value in logs.items()
+        }
+
+
+def wrap_train_function(model, function):
+    """Keras's train function `(data) -> logs`, wrapped: it skips the
+    batches a resumed backup already trained and raises a
+    `FloatingPointError` naming the step and head when a
+    `nan_policy="raise"` check failed (the step already undone)."""
+
+    def train_function(data):
+        if model._batches_to_skip > 0:
+            return resume.skip_batches(model, iter(data))
+        try:
+            return function(data)
+        except NonFiniteStep as failure:
+            raise FloatingPointError(
+                model._nonfinite_message(failure.step, failure.head)
+            ) from None
+
+    return train_function
+
+
+# ---------------------------------------------------- updates and checks
+def after(tensors, dependencies):
+    """`tensors` (eager: everything is computed in program order)."""
+    del dependencies
+    return list(tensors)
+
+
+def token(tensors):
+    """A stand-in for "every tensor of `tensors` exists" (eager: no-op)."""
+    del tensors
+    return torch.tensor(True)
+
+
+def control_dependencies(dependencies):
+    del dependencies
+    return contextlib.nullcontext()
+
+
+def snapshot(variables):
+    """(variable, value) pairs: a copy of each variable's value now (torch
+    writes variables in place)."""
+    return [(v, _copy(v.value)) for v in variables]
+
+
+def all_finite(tensors):
+    """A scalar boolean: every entry of every tensor is finite."""
+    return torch.stack([
+        torch.all(torch.isfinite(keras.ops.convert_to_tensor(t)))
+        for t in tensors
+    ]).all()
+
+
+def zero_nans(grads):
+    """The gradients with every NaN entry replaced by 0 (infinities kept)."""
+    return [torch.where(torch.isnan(g), torch.zeros_like(g), g) for g in grads]
+
+
+def first_failure(flags):
+    """`(ok, head)`: whether every flag holds, and the head of the first that
+    does not (-1: the joint objective's gradient)."""
+    bad = torch.stack([torch.logical_not(f) for _, f in flags])
+    heads = torch.tensor([h for h, _ in flags], dtype=torch.int32)
+    ok = torch.logical_not(bad.any())
+    return ok, heads[torch.argmax(bad.to(torch.float32))]
+
+
+def restore_unless(ok, saved):
+    """Puts every variable of `saved` back to its saved value unless `ok`;
+    returns `ok`."""
+    if not bool(ok):
+        for variable, value in saved:
+            variable.assign(value)
+    return ok
+
+
+def assert_finite_step(ok, step, head):
+    """Raises `NonFiniteStep` (after the restore) unless `ok`."""
+    if not bool(ok):
+        raise NonFiniteStep(int(step), int(head))
+    return ok
+
+
+def num_replicas():
+    """1: no distribution strategy on the torch backend."""
+    return 1
+
+
+def regularization_gradients(variables):
+    """Gradients of the variables' own regularizers at their current values
+    (`None` for a variable without one)."""
+    regularized = [v for v in variables if getattr(v, "regularizer", None)]
+    if not regularized:
+        return [None] * len(variables)
+    leaves = [_leaf(v.value, True) for v in regularized]
+    with torch.enable_grad():
+        penalty = sum(v.regularizer(leaf)
+                      for v, leaf in zip(regularized, leaves))
+        grads = torch.autograd.grad(penalty, leaves, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g
+             for g, leaf in zip(grads, leaves)]
+    by_id = dict(zip(map(id, regularized), grads))
+    return [by_id.get(id(v)) for v in variables]
+
+
+# ----------------------------------------------------------------- helpers
+def _leaf(value, requires_grad):
+    """A detached tensor of `value` (sharing its storage), as an autograd
+    leaf when `requires_grad` and of a float dtype."""
+    tensor = keras.ops.convert_to_tensor(value).detach()
+    if requires_grad and tensor.is_floating_point():
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _rng_devices():
+    """The CUDA device whose random state is kept (Keras's torch backend
+    runs on it when CUDA is available), if any."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
+def _rng_state():
+    """Torch's global random state now (CPU, and the current CUDA device
+    when Keras runs there)."""
+    cuda = [torch.cuda.get_rng_state(d) for d in _rng_devices()]
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(state):
+    """Runs the body from the random state `state` and puts the global
+    random state back afterwards."""
+    cpu, cuda = state
+    devices = _rng_devices()
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        for device, value in zip(devices, cuda):
+            torch.cuda.set_rng_state(value, device)
+        yield
+
+
+def _copy(value):
+    """A copy of `value` that later in-place writes do not change."""
+    return keras.ops.convert_to_tensor(value).detach().clone()
+
+
+def _as_tensor(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype)
+    return torch.tensor(value, dtype=dtype)
+
+
+def _is_float(value):
+    return isinstance(value, torch.Tensor) and (
+        value.is_floating_point() or value.is_complex()
+    )
+
+
+def _accumulate(store, key, value):
+    if value is None:
+        return
+    store[key] = value if key not in store else store[key] + value
