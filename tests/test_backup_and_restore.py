@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import keras_mwbp
+from conftest import torch_only
 from keras_mwbp.callbacks import BackupAndRestore
 from keras_mwbp.callbacks.backup_and_restore import BACKUP_FILE
 
@@ -387,3 +388,15 @@ def test_request_stop_backs_up_the_batch_and_resumes_exactly(tmp_path):
                 callbacks=[BackupAndRestore(backup_dir)])
     for got, want in zip(_state(resumed), _state(reference)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@torch_only
+def test_torch_is_refused_naming_the_backend(tmp_path):
+    model = _model()
+    x, y = _data()
+    with pytest.raises(ValueError, match=(
+            r"supports the TensorFlow and JAX backends.*"
+            r"Received: KERAS_BACKEND='torch'")):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
+            BackupAndRestore(str(tmp_path / "backup"))])
+    assert not os.path.exists(tmp_path / "backup")

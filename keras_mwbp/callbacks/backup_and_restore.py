@@ -198,6 +198,16 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "`keras.callbacks.BackupAndRestore` for other models. "
                 f"Received: model of type {type(model).__name__}"
             )
+        if keras.backend.backend() == "torch":
+            # Not yet exact there: a resumed run ends with other weights.
+            raise ValueError(
+                "keras_mwbp.callbacks.BackupAndRestore supports the "
+                "TensorFlow and JAX backends; on torch a resumed run is not "
+                "yet the uninterrupted one. Received: KERAS_BACKEND='torch'. "
+                "Save checkpoints with keras_mwbp.callbacks.ModelCheckpoint "
+                "and resume at an epoch boundary with "
+                "fit(..., initial_epoch=e)."
+            )
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
