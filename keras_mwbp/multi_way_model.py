@@ -560,6 +560,14 @@ class MultiWayModel(keras.Model):
             first = data_order.start_epoch(
                 self, _as_list(callbacks), initial_epoch
             )
+            if first >= epochs:
+                # Nothing left to train (a rerun after the last epoch's
+                # backup): Keras's JAX fit builds the metrics from a first
+                # batch, which this epoch order no longer yields.
+                self._symbolic_build(data_batch=keras.tree.map_structure(
+                    lambda a: a[:batch_size],
+                    tuple(t for t in (x, y, sample_weight) if t is not None),
+                ))
             x = data_order.epoch_batches(
                 x, y, sample_weight, batch_size, self.shuffle_seed,
                 first_epoch=first, epochs=epochs,

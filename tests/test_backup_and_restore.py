@@ -243,10 +243,6 @@ def test_dataset_of_unknown_size_records_the_steps_per_epoch(tmp_path):
                  callbacks=[BackupAndRestore(backup_dir)])
 
 
-@pytest.mark.xfail(
-    keras.backend.backend() == "jax", strict=True, raises=StopIteration,
-    reason="known: on JAX, Keras's fit builds the metrics from a batch of "
-    "an epoch iterator that a resume after the last epoch leaves empty")
 def test_rerun_after_the_last_backup_restores_state_and_history(tmp_path):
     x, y = _data()
     backup_dir = str(tmp_path / "backup")
