@@ -170,3 +170,29 @@ def test_learning_rate_schedule_advances_once_per_step():
         assert int(inner.iterations.numpy()) == 3
         assert float(keras.ops.convert_to_numpy(inner.learning_rate)) == (
             pytest.approx(0.1 * 0.5 ** 3))
+
+
+def test_without_x64_the_loss_weights_are_float32_and_nothing_warns():
+    """JAX without JAX_ENABLE_X64 truncates float64 variables with a
+    UserWarning; nu and the loss weights are made float32 there instead."""
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings; warnings.simplefilter('error', UserWarning)\n"
+        "import keras, keras_mwbp\n"
+        "i = keras.Input((4,)); a = keras.layers.Dense(4)(i)\n"
+        "h = keras.layers.Dense(3)(a)\n"
+        "f = keras.layers.Dense(3)(keras.layers.Dense(4)(a))\n"
+        "m = keras_mwbp.MultiWayModel(i, [h, f])\n"
+        "print(m._nu.dtype, m._gammas.dtype)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["KERAS_BACKEND"] = "jax"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        env=env, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["float32", "float32"]
