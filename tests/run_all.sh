@@ -5,11 +5,13 @@
 #   1. TensorFlow, the installed (newest) Keras: the whole suite.
 #   2. JAX, the same Keras: the tests of backend-neutral behaviour
 #      (JAX_FILES; TensorFlow-only tests inside them skip themselves).
-#   3. TensorFlow, the oldest declared Keras (KERAS_OLDEST) in a virtual
+#   3. PyTorch, the same Keras: the reference and behaviour tests
+#      (TORCH_FILES).
+#   4. TensorFlow, the oldest declared Keras (KERAS_OLDEST) in a virtual
 #      environment over the installed packages: the tests that touch Keras
 #      internals (OLDEST_FILES).
 #
-# Set STAGES to a subset of "tensorflow jax oldest" to run fewer; extra
+# Set STAGES to a subset of "tensorflow jax torch oldest" to run fewer; extra
 # arguments go to every pytest run. Needs `pip install '.[test]'` first;
 # stage 3 installs Keras $KERAS_OLDEST (a package install, the only network
 # use) into $OLDEST_VENV.
@@ -18,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
-STAGES=${STAGES:-tensorflow jax oldest}
+STAGES=${STAGES:-tensorflow jax torch oldest}
 KERAS_OLDEST=${KERAS_OLDEST:-3.12.0}
 OLDEST_VENV=${OLDEST_VENV:-${TMPDIR:-/tmp}/keras_mwbp-keras-$KERAS_OLDEST}
 
@@ -35,6 +37,15 @@ JAX_FILES=(
   tests/test_backup_and_restore.py::test_backup_records_what_defines_the_position
   tests/test_backup_and_restore.py::test_request_stop_backs_up_the_batch_and_resumes_exactly
   tests/test_backup_and_restore.py::test_rerun_after_the_last_backup_restores_state_and_history
+  tests/test_skip_step_logs.py
+  tests/test_label_values.py tests/test_loss_names.py
+)
+TORCH_FILES=(
+  tests/test_torch_step.py
+  tests/test_reference.py
+  tests/test_methods_reference.py tests/test_learning_rate.py
+  tests/test_loss_scaling.py tests/test_regressions_issue9.py
+  tests/test_nan_policy.py tests/test_backup_and_restore.py
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
 )
@@ -64,6 +75,9 @@ for stage in $STAGES; do
   jax)
     KERAS_BACKEND=jax pytest_run "$PYTHON" "${JAX_FILES[@]}" "$@"
     ;;
+  torch)
+    KERAS_BACKEND=torch pytest_run "$PYTHON" "${TORCH_FILES[@]}" "$@"
+    ;;
   oldest)
     if [ ! -x "$OLDEST_VENV/bin/python" ]; then
       "$PYTHON" -m venv --system-site-packages "$OLDEST_VENV"
@@ -74,7 +88,7 @@ for stage in $STAGES; do
       "${OLDEST_FILES[@]}" "$@"
     ;;
   *)
-    echo "unknown stage $stage (use tensorflow, jax, oldest)" >&2
+    echo "unknown stage $stage (use tensorflow, jax, torch, oldest)" >&2
     exit 2
     ;;
   esac

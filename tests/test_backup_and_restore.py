@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import keras_mwbp
-from conftest import torch_only
 from keras_mwbp.callbacks import BackupAndRestore
 from keras_mwbp.callbacks.backup_and_restore import BACKUP_FILE
 
@@ -138,6 +137,11 @@ def test_backup_of_another_model_is_refused_before_any_change(tmp_path):
     assert os.path.exists(os.path.join(backup_dir, BACKUP_FILE))
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="torch's unseeded Dropout draws from the global random state "
+    "(which backups save), not from its seed state",
+)
 def test_seed_states_are_saved_in_keras_files(tmp_path):
     """Keras's weight files leave out the Dropout seed state; a
     MultiWayModel's keep it, so a resumed run draws the same masks."""
@@ -386,13 +390,29 @@ def test_request_stop_backs_up_the_batch_and_resumes_exactly(tmp_path):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-@torch_only
-def test_torch_is_refused_naming_the_backend(tmp_path):
-    model = _model()
+def test_resume_at_an_epoch_boundary_equals_uninterrupted_run(tmp_path):
+    """A backup written between epochs (save_freq="epoch") resumes at the
+    next epoch with the uninterrupted run's dropout masks: on torch the
+    backup holds the global random state, which the next epoch's data
+    iterator and the unseeded Dropout draw from."""
     x, y = _data()
-    with pytest.raises(ValueError, match=(
-            r"supports the TensorFlow and JAX backends.*"
-            r"Received: KERAS_BACKEND='torch'")):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[
-            BackupAndRestore(str(tmp_path / "backup"))])
-    assert not os.path.exists(tmp_path / "backup")
+    reference = _model()
+    reference.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    backup_dir = str(tmp_path / "backup")
+    crashed = _model()
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[
+            BackupAndRestore(backup_dir), _StopAt(7)])
+    with np.load(os.path.join(backup_dir, BACKUP_FILE)) as backup:
+        meta = json.loads(str(backup["__meta__"]))
+        names = set(backup.files)
+    assert (meta["epoch"], meta["step"]) == (1, 0)
+    if keras.backend.backend() == "torch":
+        assert meta["random"] >= 1 and "random/0" in names
+    else:
+        assert meta["random"] == 0
+    resumed = _model()
+    resumed.fit(x, y, batch_size=8, epochs=3, verbose=0,
+                callbacks=[BackupAndRestore(backup_dir)])
+    for got, want in zip(_state(resumed), _state(reference)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -360,6 +360,18 @@ def num_replicas():
     return 1
 
 
+def random_state():
+    """No global random state to back up: Keras's random layers on this
+    backend draw from seed-generator variables, saved with the model."""
+    return []
+
+
+def set_random_state(arrays):
+    """Nothing to restore (see `random_state`); a torch backup's state is
+    ignored."""
+    del arrays
+
+
 def regularization_gradients(variables):
     """Gradients of the variables' own regularizers at their current values
     (`None` for a variable without one)."""

@@ -367,6 +367,27 @@ def regularization_gradients(variables):
     return [by_id.get(id(v)) for v in variables]
 
 
+def random_state():
+    """Torch's global random state as NumPy arrays (CPU first, then the
+    current CUDA device's when Keras runs there), for a backup: Keras's
+    torch `Dropout` without a seed draws its masks from it, so a resumed
+    run draws the masks of the uninterrupted one only from this state."""
+    cpu, cuda = _rng_state()
+    return [t.cpu().numpy() for t in [cpu, *cuda]]
+
+
+def set_random_state(arrays):
+    """Puts back a `random_state()` (a backup made with CUDA resumed on
+    the CPU restores the CPU state; one without a state changes nothing)."""
+    if not arrays:
+        return
+    torch.set_rng_state(torch.from_numpy(arrays[0]).to(torch.uint8))
+    for device, value in zip(_rng_devices(), arrays[1:]):
+        torch.cuda.set_rng_state(
+            torch.from_numpy(value).to(torch.uint8), device
+        )
+
+
 # ----------------------------------------------------------------- helpers
 def _leaf(value, requires_grad):
     """A detached tensor of `value` (sharing its storage), as an autograd

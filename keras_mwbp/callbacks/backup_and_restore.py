@@ -10,12 +10,16 @@ import zlib
 import keras
 import numpy as np
 
+from keras_mwbp import backend
 from keras_mwbp.resume import resume_in_epoch
 from keras_mwbp.saving import atomic_path
 from keras_mwbp.saving import check_writable_dir
 
 BACKUP_FILE = "backup.npz"
 _META = "__meta__"
+# The backend's global random state (torch's; see `random_state` in
+# `keras_mwbp/backend/<name>.py`), saved beside the variables.
+_RANDOM = "random"
 # What defines a position in the training: the same (epoch, batch) means the
 # same samples only if none of these changed. `None` where not known (the
 # number of samples of a dataset; the steps of one of unknown length).
@@ -42,7 +46,10 @@ class BackupAndRestore(keras.callbacks.Callback):
       dropout seed states, `nu` and the loss weights), every variable of
       the optimizer (each loss's optimizer state and step counter, hence
       the learning-rate schedule's position), the metrics' running totals,
-      the epoch, the number of batches done in it, and the `History` so far.
+      the epoch, the number of batches done in it, the `History` so far,
+      and on torch the global random state (Keras's torch `Dropout` without
+      a seed draws its masks from it; it is put back before the first
+      trained batch).
     - Resume: `fit` starts at the saved epoch; the batches of that epoch that
       were already trained are drawn from the data and skipped (not
       trained), so the data order is kept. For in-memory arrays
@@ -130,6 +137,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._skip_until = 0
         self._since_save = 0
         self._position = None
+        self._random_state = None
         self._stop_requested = False
         self.saved_position = None
 
@@ -179,6 +187,10 @@ class BackupAndRestore(keras.callbacks.Callback):
                         name: [backup[f"{name}/{i}"] for i in range(len(paths))]
                         for name, paths in meta["paths"].items()
                     }
+                    groups[_RANDOM] = [
+                        backup[f"{_RANDOM}/{i}"]
+                        for i in range(int(meta.get(_RANDOM, 0)))
+                    ]
         except _READ_ERRORS as error:
             raise ValueError(
                 f"The backup file {self._path!r} is damaged or not a "
@@ -198,20 +210,11 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "`keras.callbacks.BackupAndRestore` for other models. "
                 f"Received: model of type {type(model).__name__}"
             )
-        if keras.backend.backend() == "torch":
-            # Not yet exact there: a resumed run ends with other weights.
-            raise ValueError(
-                "keras_mwbp.callbacks.BackupAndRestore supports the "
-                "TensorFlow and JAX backends; on torch a resumed run is not "
-                "yet the uninterrupted one. Received: KERAS_BACKEND='torch'. "
-                "Save checkpoints with keras_mwbp.callbacks.ModelCheckpoint "
-                "and resume at an epoch boundary with "
-                "fit(..., initial_epoch=e)."
-            )
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
         self._resume = None
+        self._random_state = None
         self._skip_until = 0
         self._since_save = 0
         self._position = self._current_position()
@@ -245,6 +248,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         for name in ("model", "optimizer"):
             for variable, value in zip(current[name], groups[name]):
                 variable.assign(value)
+        # Put back before the first trained batch: the data iterator that
+        # `fit` makes first draws from it (torch's DataLoader draws a seed).
+        self._random_state = groups[_RANDOM]
         self._metric_values = groups["metrics"]
         self.model._initial_epoch = meta["epoch"]
         self._resume = meta
@@ -307,6 +313,11 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self.model, resume["step"], resume["logs"],
                 self._metric_values,
             )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._random_state is not None and batch >= self._skip_until:
+            backend.get().set_random_state(self._random_state)
+            self._random_state = None
 
     # --------------------------------------------------------------- backup
     def on_train_batch_end(self, batch, logs=None):
@@ -387,6 +398,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             for name, variables in groups.items()
             for i, v in enumerate(variables)
         }
+        random_state = backend.get().random_state()
+        meta[_RANDOM] = len(random_state)
+        arrays.update(
+            (f"{_RANDOM}/{i}", a) for i, a in enumerate(random_state)
+        )
         arrays[_META] = np.array(json.dumps(meta))
         os.makedirs(self.backup_dir, exist_ok=True)
         with atomic_path(self._path) as tmp:
