@@ -7,6 +7,8 @@ the project relies on, in both. When a new Keras moves one of them, this is
 the only module to change.
 """
 
+import importlib
+
 import keras
 from keras.src.losses.losses import LossFunctionWrapper  # noqa: F401
 from keras.src.models.functional import functional_from_config  # noqa: F401
@@ -48,3 +50,42 @@ def jax_state_sync(model, state):
     model._jax_state = dict(zip(names, state))
     model._jax_state_synced = False
     model.jax_state_sync()
+
+
+def backend_neutral_config(config):
+    """`config` (a serialized Keras object, nested in dicts and lists) with
+    every class that Keras serialized by its backend's own subclass renamed
+    to the backend-neutral class it specializes, so that the file loads
+    under every backend.
+
+    On PyTorch, `keras.optimizers.Adam()` builds
+    `keras.src.backend.torch.optimizers.torch_adam.Adam`, and Keras 3.12.0
+    to 3.15.1 serialize it under that module: loaded under TensorFlow or
+    JAX, it would build the torch class. Its backend-neutral base (the
+    first class of its MRO with the same name outside `keras.src.backend`)
+    is saved instead, named as TensorFlow names it (`keras.optimizers`)
+    where that is its public home; building it under PyTorch gives the
+    torch class again.
+    """
+    if isinstance(config, (list, tuple)):
+        return type(config)(backend_neutral_config(item) for item in config)
+    if not isinstance(config, dict):
+        return config
+    config = {
+        key: backend_neutral_config(value) for key, value in config.items()
+    }
+    module, name = config.get("module"), config.get("class_name")
+    if isinstance(module, str) and module.startswith("keras.src.backend."):
+        cls = getattr(importlib.import_module(module), str(name), None)
+        for base in getattr(cls, "__mro__", ())[1:]:
+            if base.__name__ == name and not base.__module__.startswith(
+                "keras.src.backend."
+            ):
+                public = getattr(keras.optimizers, name, None) is base
+                config["module"] = (
+                    "keras.optimizers" if public else base.__module__
+                )
+                if config.get("registered_name") == name:
+                    config["registered_name"] = None
+                break
+    return config

@@ -453,6 +453,11 @@ class MultiWayModel(keras.Model):
             self, head_losses
         )
 
+    def get_compile_config(self):
+        # Named by backend-neutral classes, so that a file saved under one
+        # backend compiles under another (see `_compat`).
+        return _compat.backend_neutral_config(super().get_compile_config())
+
     def compile_from_config(self, config):
         config = _compat.serialization_lib.deserialize_keras_object(config)
         self.compile(**config)

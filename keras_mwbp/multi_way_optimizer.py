@@ -298,7 +298,9 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     def get_config(self):
         return {
             "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(self.template),
+            "optimizer": _compat.backend_neutral_config(
+                keras.saving.serialize_keras_object(self.template)
+            ),
             "num_losses": self.num_losses,
             "loss_scale": self.loss_scale,
         }

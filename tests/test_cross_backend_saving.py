@@ -1,17 +1,21 @@
-"""`.keras` files move between the TensorFlow and JAX backends.
+"""Checkpoints move between the TensorFlow, JAX and PyTorch backends.
 
 A `MultiWayModel` (BatchNorm, a residual add, three heads, MW-BP with one
 Adam per loss and a decaying learning rate) is trained for two steps under
-one backend and saved; the file is loaded under the other backend and trained
-on for three steps. The result equals training on in the first backend
-within float32 round-off, in both directions, with every weight, BatchNorm
-statistic and per-loss optimizer state (moments, step counts) carried over.
-Each backend runs in its own process. The convolutions in front of a
-BatchNorm have no bias: its true gradient is zero, and Adam turns a gradient
-of pure round-off into a step of the learning rate's size, which differs
-between backends beyond any round-off tolerance.
+one backend and checkpointed twice: a `.keras` file (`model.save`) and a
+`keras_mwbp.callbacks.BackupAndRestore` backup of a `fit` stopped after its
+second step. Under every other backend the `.keras` file is loaded and
+trained on for three steps, and a new model resumes the backup's `fit` for
+its last three steps. Each result equals training on in the first backend
+within float32 round-off, for every ordered pair of backends, with every
+weight, BatchNorm statistic and per-loss optimizer state (moments, step
+counts) carried over. Each run is a process of its own. The convolutions in
+front of a BatchNorm have no bias: its true gradient is zero, and Adam turns
+a gradient of pure round-off into a step of the learning rate's size, which
+differs between backends beyond any round-off tolerance.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -22,19 +26,20 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("jax")
-pytest.importorskip("tensorflow")
+BACKENDS = ("tensorflow", "jax", "torch")
+for _name in BACKENDS:
+    pytest.importorskip(_name)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, shutil, sys
     import numpy as np
     import keras
     import keras_mwbp
 
-    mode, path, out = sys.argv[1:4]
+    mode, path, backup, out = sys.argv[1:5]
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(8, 6, 6, 2)).astype("float32"),
                 rng.integers(0, 3, 8)) for _ in range(5)]
@@ -75,33 +80,83 @@ SCRIPT = textwrap.dedent(
                           for v in model.optimizer.variables],
         }
 
+    class StopAt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(keras.ops.convert_to_numpy(
+                    self.model.optimizer.iterations)) == 2:
+                raise KeyboardInterrupt
+
+    # The backup's fit: the 5 batches as one epoch of 40 samples, in the
+    # model's (backend-independent) shuffle_seed order.
+    fit_x = np.concatenate([x for x, _ in batches])
+    fit_y = np.concatenate([y for _, y in batches])
+
+    def fit(model, backup_dir, stop):
+        callbacks = [keras_mwbp.callbacks.BackupAndRestore(
+            backup_dir, save_freq=1, delete_checkpoint=False)]
+        model.fit(fit_x, fit_y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=callbacks + ([StopAt()] if stop else []))
+
     result = {"backend": keras.backend.backend()}
     if mode == "start":
         model = build()
         train(model, batches[:2])
         model.save(path)
         result["saved"] = state(model)
+        train(model, batches[2:])
+        result["continued"] = state(model)
+        stopped = build()
+        try:
+            fit(stopped, backup + ".first", stop=True)
+        except KeyboardInterrupt:
+            pass
+        result["backup_saved"] = state(stopped)
+        shutil.copytree(backup + ".first", backup)
+        resumed = build()
+        fit(resumed, backup + ".first", stop=False)
+        result["backup_continued"] = state(resumed)
     else:
         model = keras.saving.load_model(path)
         result["loaded"] = state(model)
-    train(model, batches[2:])
-    result["continued"] = state(model)
+        train(model, batches[2:])
+        result["continued"] = state(model)
+        resumed = build()
+        fit(resumed, backup, stop=False)
+        result["backup_continued"] = state(resumed)
     with open(out, "w") as f:
         json.dump(result, f)
     """
 )
 
 
-def _run(backend, mode, path, out):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+def _run(backend, mode, folder, out):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=str(ROOT))
     env.pop("JAX_ENABLE_X64", None)
-    subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode, str(path), str(out)],
-        cwd=ROOT, env=env, check=True, timeout=600,
-        capture_output=True, text=True,
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode, str(folder / "model.keras"),
+         str(folder / "backup"), str(out)],
+        cwd=ROOT, env=env, timeout=600, capture_output=True, text=True,
     )
+    if result.returncode:
+        raise AssertionError(
+            f"{mode} under {backend} failed:\n{result.stderr[-3000:]}")
     with open(out) as f:
         return json.load(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _started(backend, root):
+    """The checkpoints of a run under `backend` (once per test process), in
+    `root/backend`, with that run's states."""
+    folder = pathlib.Path(root) / backend
+    folder.mkdir()
+    return folder, _run(backend, "start", folder, folder / "start.json")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("checkpoints"))
 
 
 def _assert_close(actual, expected, what, rtol=0.0, atol=0.0):
@@ -113,35 +168,43 @@ def _assert_close(actual, expected, what, rtol=0.0, atol=0.0):
         )
 
 
-@pytest.mark.parametrize(
-    "first, second", [("tensorflow", "jax"), ("jax", "tensorflow")]
-)
-def test_keras_file_trains_on_in_the_other_backend(tmp_path, first, second):
-    path = tmp_path / "model.keras"
-    started = _run(first, "start", path, tmp_path / "first.json")
-    resumed = _run(second, "resume", path, tmp_path / "second.json")
+def _assert_continued(resumed, started, what):
+    """Trained on: equal to the first backend's continued run to
+    round-off, which the continued runs moved well beyond."""
+    _assert_close(resumed["weights"], started["weights"],
+                  f"{what} weight", rtol=1e-4, atol=1e-5)
+    _assert_close(resumed["optimizer"], started["optimizer"],
+                  f"{what} optimizer variable", rtol=1e-4, atol=1e-6)
+
+
+PAIRS = [(a, b) for a in BACKENDS for b in BACKENDS if a != b]
+
+
+@pytest.mark.parametrize("first, second", PAIRS)
+def test_checkpoints_train_on_in_another_backend(root, tmp_path, first,
+                                                 second):
+    folder, started = _started(first, root)
+    resumed = _run(second, "resume", folder, tmp_path / "second.json")
     assert (started["backend"], resumed["backend"]) == (first, second)
-    # Loaded exactly: weights and every optimizer variable (the container's
-    # step count, each per-loss Adam's moments and step count); `nu` and the
-    # loss weights are float64 variables, which JAX without JAX_ENABLE_X64
-    # holds in float32 (hence rtol 1e-7).
+    # The .keras file loaded exactly: weights and every optimizer variable
+    # (the container's step count, each per-loss Adam's moments and step
+    # count); `nu` and the loss weights are float64 variables, which JAX
+    # without JAX_ENABLE_X64 holds in float32 (hence rtol 1e-7).
     _assert_close(resumed["loaded"]["weights"], started["saved"]["weights"],
                   "loaded weight", rtol=1e-7)
     _assert_close(resumed["loaded"]["optimizer"],
                   started["saved"]["optimizer"], "loaded optimizer variable")
     counts = [v for v in started["saved"]["optimizer"] if np.ndim(v) == 0]
     assert 2 in counts  # Step counters are among the carried state.
-    # Trained on: equal to the first backend's continued run to round-off.
-    _assert_close(resumed["continued"]["weights"],
-                  started["continued"]["weights"], "continued weight",
-                  rtol=1e-4, atol=1e-5)
-    _assert_close(resumed["continued"]["optimizer"],
-                  started["continued"]["optimizer"],
-                  "continued optimizer variable", rtol=1e-4, atol=1e-6)
-    # The continued runs moved the weights well beyond that tolerance.
-    moved = max(
-        float(np.max(np.abs(np.subtract(a, b))))
-        for a, b in zip(started["continued"]["weights"],
-                        started["saved"]["weights"])
-    )
-    assert moved > 1e-3
+    _assert_continued(resumed["continued"], started["continued"], ".keras")
+    # The backup's fit, resumed in the second backend, ends where its
+    # resume in the first backend ends.
+    _assert_continued(resumed["backup_continued"],
+                      started["backup_continued"], "backup")
+    for run in ("continued", "backup_continued"):
+        before = started["saved" if run == "continued" else "backup_saved"]
+        moved = max(
+            float(np.max(np.abs(np.subtract(a, b))))
+            for a, b in zip(started[run]["weights"], before["weights"])
+        )
+        assert moved > 1e-3, run

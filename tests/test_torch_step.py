@@ -78,3 +78,27 @@ def test_fit_with_dropout_trains(method):
     x, y = _batch()
     history = model.fit(x, y, batch_size=3, epochs=2, verbose=0).history
     assert np.isfinite(history["loss"]).all()
+
+
+def test_optimizers_are_saved_by_their_backend_neutral_class():
+    """On torch, `keras.optimizers.AdamW()` is Keras's torch subclass; the
+    compile config and the per-loss container name the class that every
+    backend has (as TensorFlow does), and building it on torch gives the
+    torch class again."""
+    from keras_mwbp import MultiWayOptimizer
+
+    model = _dropout_model()
+    model.compile(keras.optimizers.AdamW(0.01, weight_decay=0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert type(model.optimizer.template).__module__.startswith(
+        "keras.src.backend.torch")
+    configs = [model.get_compile_config()["optimizer"],
+               model.optimizer.get_config()["optimizer"]]
+    for config in configs:
+        assert (config["module"], config["class_name"]) == (
+            "keras.optimizers", "AdamW")
+        assert config["registered_name"] is None
+        assert config["config"]["weight_decay"] == 0.1
+    rebuilt = MultiWayOptimizer.from_config(model.optimizer.get_config())
+    assert type(rebuilt.template) is type(model.optimizer.template)
+    assert rebuilt.num_losses == 2
