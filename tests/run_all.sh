@@ -9,7 +9,7 @@
 #      (TORCH_FILES).
 #   4. TensorFlow, the oldest declared Keras (KERAS_OLDEST) in a virtual
 #      environment over the installed packages: the tests that touch Keras
-#      internals (OLDEST_FILES).
+#      internals (OLDEST_FILES), and the torch step's tests under PyTorch.
 #
 # Set STAGES to a subset of "tensorflow jax torch oldest" to run fewer; extra
 # arguments go to every pytest run. Needs `pip install '.[test]'` first;
@@ -86,6 +86,10 @@ for stage in $STAGES; do
     "$OLDEST_VENV/bin/python" -c "import keras; assert keras.__version__ == '$KERAS_OLDEST', keras.__version__"
     KERAS_BACKEND=tensorflow pytest_run "$OLDEST_VENV/bin/python" \
       "${OLDEST_FILES[@]}" "$@"
+    # The torch step's use of Keras internals, and the backend-neutral
+    # naming of torch's optimizer subclasses (_compat), on the oldest Keras.
+    KERAS_BACKEND=torch pytest_run "$OLDEST_VENV/bin/python" \
+      tests/test_torch_step.py "$@"
     ;;
   *)
     echo "unknown stage $stage (use tensorflow, jax, torch, oldest)" >&2
