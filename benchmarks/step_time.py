@@ -15,8 +15,8 @@ NumPy values and so waits for the step to finish; the first `--warmup` steps
   compiled with `loss_weights` = the gammas.
 - The floor of an exact MW-BP step, `F + sum_i B_i`: `F` is one training-mode
   forward pass, `B_i` loss i's backward pass alone (forward plus backward of
-  loss i, minus `F`), each a compiled function of the backend timed in the
-  same run. Every exact implementation pays at least this.
+  loss i, minus `F`), each a compiled function of the backend (on PyTorch,
+  eager autograd, as Keras's torch trainer runs) timed in the same run. Every exact implementation pays at least this.
 
 Ratios are to `joint` (and mwbp to the floor) on the same backend, from the
 same run.
@@ -171,6 +171,26 @@ def measure_floor(args):
             return lambda: grad(trainable)
 
         wait = jax.block_until_ready
+    elif backend == "torch":
+        import torch
+
+        x = keras.ops.convert_to_tensor(x)
+        y = keras.ops.convert_to_tensor(y)
+
+        def forward():  # Recorded for autograd, as a training step's is.
+            return model(x, training=True)
+
+        def backward_of(i):
+            variables = [v.value for v in model._head_graph.loss_variables[i]]
+
+            def run():
+                value = loss(y, model(x, training=True)[i])
+                return torch.autograd.grad(value, variables)
+
+            return run
+
+        def wait(value):  # Eager on the CPU: done when it returns.
+            return value
     else:
         raise SystemExit(f"no floor measurement for backend {backend!r}")
     forward_s = _median_time(lambda: wait(forward()), args.steps, args.warmup)

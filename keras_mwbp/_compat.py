@@ -89,3 +89,32 @@ def backend_neutral_config(config):
                     config["registered_name"] = None
                 break
     return config
+
+
+def symbolic_build_on_local_values(model, iterator=None, data_batch=None):
+    """Keras's TensorFlow `Trainer._maybe_symbolic_build` (private; 3.12.0 to
+    3.15.1), which builds the metrics from the first batch, taking each
+    distributed value of that batch as this worker's first local value.
+
+    Keras reduces the batch with `strategy.reduce("MEAN", batch)`, which
+    `MultiWorkerMirroredStrategy` refuses for a structure such as `(x, y)`
+    (`ValueError: Attempt to convert a value (PerReplica...)`); the build
+    needs only the batch's structure, shapes and dtypes, which every local
+    value has.
+    """
+    strategy = model._distribute_strategy
+    if strategy is None:
+        return
+    if iterator is not None:
+        import tensorflow as tf
+
+        def local(value):
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.experimental_local_results(value)[0]
+            return value
+
+        for _, _, it in iterator:
+            data_batch = keras.tree.map_structure(local, next(it))
+            break
+    with strategy.scope():
+        model._symbolic_build(data_batch=data_batch)

@@ -453,6 +453,11 @@ class MultiWayModel(keras.Model):
             self, head_losses
         )
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # TensorFlow's trainer (see `_compat`): also under a multi-worker
+        # strategy.
+        _compat.symbolic_build_on_local_values(self, iterator, data_batch)
+
     def get_compile_config(self):
         # Named by backend-neutral classes, so that a file saved under one
         # backend compiles under another (see `_compat`).

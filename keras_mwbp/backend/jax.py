@@ -366,6 +366,12 @@ def random_state():
     return []
 
 
+def writes_files():
+    """Whether this process writes the run's files (backups): the first
+    process of a multi-process JAX run."""
+    return jax.process_index() == 0
+
+
 def set_random_state(arrays):
     """Nothing to restore (see `random_state`); a torch backup's state is
     ignored."""

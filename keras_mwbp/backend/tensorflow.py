@@ -242,7 +242,27 @@ def train_step(model, data):
     variables themselves (traced by `tf.function`)."""
     from keras_mwbp import algorithm
 
-    return algorithm.TrainingStep(model, _this_module()).run(data)
+    logs = algorithm.TrainingStep(model, _this_module()).run(data)
+    if _multi_worker():
+        # Keras reduces each log across the workers with
+        # `strategy.reduce("MEAN", log, axis=0)`, which needs an axis: a
+        # scalar becomes shape (1,), and the mean of the workers' equal
+        # values a scalar again.
+        logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
+def _multi_worker():
+    """Whether the step runs under a `MultiWorkerMirroredStrategy` of more
+    than one worker (the test Keras's trainer makes before it reduces the
+    logs with an axis)."""
+    strategy = tf.distribute.get_strategy()
+    in_multi_worker_mode = getattr(
+        strategy.extended, "_in_multi_worker_mode", lambda: False
+    )
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and bool(in_multi_worker_mode())
 
 
 def _this_module():
@@ -450,6 +470,22 @@ def random_state():
     """No global random state to back up: Keras's random layers on this
     backend draw from seed-generator variables, saved with the model."""
     return []
+
+
+def writes_files():
+    """Whether this process writes the run's files (backups): `False` only
+    on a worker other than the chief of a multi-worker `tf.distribute`
+    strategy (`MultiWorkerMirroredStrategy`), whose workers all run the
+    same callbacks on a shared folder. The chief is the task of type
+    "chief", or worker 0 in a cluster without one."""
+    resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
 
 
 def set_random_state(arrays):

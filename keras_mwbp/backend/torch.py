@@ -376,6 +376,12 @@ def random_state():
     return [t.cpu().numpy() for t in [cpu, *cuda]]
 
 
+def writes_files():
+    """Whether this process writes the run's files (backups): always (one
+    process; Keras's torch backend has no multi-process training)."""
+    return True
+
+
 def set_random_state(arrays):
     """Puts back a `random_state()` (a backup made with CUDA resumed on
     the CPU restores the CPU state; one without a state changes nothing)."""

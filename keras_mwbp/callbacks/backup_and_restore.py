@@ -80,6 +80,13 @@ class BackupAndRestore(keras.callbacks.Callback):
       or a folder where no file can be written, fails then, not at the
       first backup.
 
+    Several workers (TensorFlow's `MultiWorkerMirroredStrategy`): give
+    every worker the same `backup_dir` on a shared file system. Each worker
+    restores from the backup and runs the callback, but only the chief
+    writes and deletes it. When a worker fails, restart all of them (as
+    TensorFlow's fault-tolerance guide describes): they resume from the
+    chief's last backup at the same step.
+
     Keras's own `keras.callbacks.BackupAndRestore` keeps working with a
     `MultiWayModel` at epoch granularity (`save_freq="epoch"`); with a step
     `save_freq` it restarts the interrupted epoch from its first batch on
@@ -359,7 +366,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             history.history = {
                 k: list(v) for k, v in resume["history"].items()
             }
-        if self.delete_checkpoint and os.path.exists(self.backup_dir):
+        if (
+            self.delete_checkpoint
+            and backend.get().writes_files()
+            and os.path.exists(self.backup_dir)
+        ):
             shutil.rmtree(self.backup_dir, ignore_errors=True)
 
     def _variable_groups(self):
@@ -404,10 +415,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             (f"{_RANDOM}/{i}", a) for i, a in enumerate(random_state)
         )
         arrays[_META] = np.array(json.dumps(meta))
-        os.makedirs(self.backup_dir, exist_ok=True)
-        with atomic_path(self._path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        # Every worker reads its variables (as it runs every callback); only
+        # the chief of a multi-worker run writes the one backup they share.
+        if backend.get().writes_files():
+            os.makedirs(self.backup_dir, exist_ok=True)
+            with atomic_path(self._path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
         self.saved_position = (int(epoch), int(step))
 
 
