@@ -64,6 +64,12 @@ class TorchStep:
         self.new_state = dict(self.initial_state)
         self.loss_inputs = []
         self.loss_fns = {}
+        # The shared forward pass's autograd graph (see `_graph_gradients`):
+        # the heads' outputs in it, each variable's parameter leaves, and
+        # each variable's tensor and version when the graph was recorded.
+        self._graph_outputs = None
+        self._leaves = {}
+        self._versions = {}
 
     def fresh(self):
         """A new step for another forward pass from this step's initial
@@ -85,20 +91,32 @@ class TorchStep:
             id(ref): value
             for ref, value in zip(model.inputs, model._standardize_inputs(x))
         }
-        with torch.no_grad():
+        # A whole training-mode pass also records its autograd graph, which
+        # gives the gradients for as long as no parameter has changed.
+        record = nodes is None and training
+        self._graph_outputs, self._leaves, self._versions = None, {}, {}
+        with torch.enable_grad() if record else torch.no_grad():
             for index, node in enumerate(self.graph.nodes):
                 if nodes is not None and index not in nodes:
                     continue
                 edges = {id(t): tensors[id(t)] for t in node.input_tensors}
-                self.edges[index] = edges
+                self.edges[index] = {
+                    ref_id: _detached(value) for ref_id, value in edges.items()
+                }
                 self.states[index] = [
                     (v, self._state_value(v))
                     for v in getattr(
                         node.operation, "non_trainable_variables", []
                     )
                 ]
-                params = [_leaf(v.value, False)
-                          for v in self.graph.node_variables(index)]
+                variables = self.graph.node_variables(index)
+                params = [_leaf(v.value, record) for v in variables]
+                if record:
+                    for variable, leaf in zip(variables, params):
+                        self._leaves.setdefault(id(variable), []).append(leaf)
+                        self._versions[id(variable)] = (
+                            variable, variable.value, variable.value._version
+                        )
                 if self.replay:
                     outputs, scope = self._call(
                         index, edges, params, training, replay=True
@@ -114,7 +132,10 @@ class TorchStep:
                         self.new_state[id(variable)] = (variable, new_value)
                 for ref, value in zip(node.outputs, outputs):
                     tensors[id(ref)] = value
-        self.loss_inputs = [tensors.get(id(o)) for o in model.outputs]
+        outputs = [tensors.get(id(o)) for o in model.outputs]
+        if record:
+            self._graph_outputs = outputs
+        self.loss_inputs = [_detached(o) for o in outputs]
         return self.loss_inputs
 
     def _state_value(self, variable):
@@ -181,7 +202,49 @@ class TorchStep:
             objective.coefficients, self.graph.loss_variables[index]
         )
 
+    def _graph_gradients(self, coefficients, variables):
+        """The gradients by the shared forward pass's own autograd graph, or
+        None once it is stale: when a parameter it was recorded at has been
+        updated since (the tensor of a variable replaced, or written in
+        place: its version counter moved), or was never recorded. Then the
+        graph is dropped and the caller re-linearizes."""
+        if self._graph_outputs is None:
+            return None
+        if any(
+            variable.value is not tensor or tensor._version != version
+            for variable, tensor, version in self._versions.values()
+        ):
+            self._graph_outputs, self._leaves, self._versions = None, {}, {}
+            return None
+        values, seeds = [], []
+        with torch.enable_grad():
+            for head, coefficient in coefficients:
+                value = self.loss_fns[head](self._graph_outputs[head])
+                values.append(value)
+                seeds.append(torch.ones_like(value) * _as_tensor(
+                    coefficient, value.dtype))
+            leaves = [leaf for v in variables for leaf in self._leaves.get(
+                id(v), [])]
+            grads = iter(torch.autograd.grad(
+                values, leaves, seeds, retain_graph=True, allow_unused=True
+            )) if leaves else iter(())
+        result = []
+        for variable in variables:
+            total = None
+            for _ in self._leaves.get(id(variable), []):
+                grad = next(grads)
+                if grad is not None:
+                    total = grad if total is None else total + grad
+            result.append(
+                torch.zeros_like(variable.value).detach() if total is None
+                else total
+            )
+        return result
+
     def _backward(self, coefficients, variables):
+        grads = self._graph_gradients(coefficients, variables)
+        if grads is not None:
+            return grads
         graph = self.graph
         cotangents, var_grads, nodes = {}, {}, set()
         for head, coefficient in coefficients:
@@ -428,6 +491,11 @@ def _replayed_rng(state):
         for device, value in zip(devices, cuda):
             torch.cuda.set_rng_state(value, device)
         yield
+
+
+def _detached(value):
+    """`value` without its autograd history (None stays None)."""
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _copy(value):
