@@ -54,6 +54,7 @@ OLDEST_FILES=(
   tests/test_methods_reference.py tests/test_learning_rate.py
   tests/test_loss_scaling.py tests/test_progbar_logger.py
   tests/test_multi_way_optimizer.py tests/test_safe_loading.py
+  tests/test_multi_worker.py
 )
 
 pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.
