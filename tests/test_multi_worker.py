@@ -90,7 +90,12 @@ SCRIPT = textwrap.dedent(
             model.set_weights(initial)
             compile(model)
         callbacks = []
-        if mode != "compare":
+        if mode == "compare":
+            # A folder per worker: only the chief's gets a backup file.
+            callbacks.append(keras_mwbp.callbacks.BackupAndRestore(
+                os.path.join(backup_dir, f"{method}-{task}"), save_freq=2,
+                delete_checkpoint=False))
+        else:
             callbacks.append(keras_mwbp.callbacks.BackupAndRestore(
                 backup_dir, save_freq=1, delete_checkpoint=False))
         if mode == "crash" and task == 1:
@@ -168,10 +173,15 @@ def _read(folder, mode):
 
 def test_two_workers_train_like_one_device(tmp_path):
     """Every weight and optimizer variable, the History and the step count
-    of a 2-worker fit equal a 1-device fit on the same global batches."""
+    of a 2-worker fit equal a 1-device fit on the same global batches; only
+    the chief writes a backup."""
     _finish(_start_workers("compare", tmp_path))
     result = _read(tmp_path, "compare")
     assert result["replicas"] == 2
+    for method in ("mwbp", "joint"):
+        # Only the chief (worker 0) writes backups.
+        assert (tmp_path / "backup" / f"{method}-0" / "backup.npz").exists()
+        assert not (tmp_path / "backup" / f"{method}-1" / "backup.npz").exists()
     for method in ("mwbp", "joint"):
         run = result[method]
         assert run["iterations"] == 8

@@ -366,9 +366,10 @@ def random_state():
     return []
 
 
-def writes_files():
+def writes_files(model):
     """Whether this process writes the run's files (backups): the first
     process of a multi-process JAX run."""
+    del model
     return jax.process_index() == 0
 
 

@@ -472,20 +472,21 @@ def random_state():
     return []
 
 
-def writes_files():
-    """Whether this process writes the run's files (backups): `False` only
-    on a worker other than the chief of a multi-worker `tf.distribute`
-    strategy (`MultiWorkerMirroredStrategy`), whose workers all run the
-    same callbacks on a shared folder. The chief is the task of type
-    "chief", or worker 0 in a cluster without one."""
-    resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+def writes_files(model):
+    """Whether this process writes `model`'s run files (backups): `False`
+    only on a worker other than the chief of the multi-worker
+    `tf.distribute` strategy (`MultiWorkerMirroredStrategy`) the model was
+    built under, whose workers all run the same callbacks on a shared
+    folder. The chief is the task of type "chief", or worker 0 in a cluster
+    without one. (Callbacks run outside the strategy's scope, so the
+    strategy is the model's, not the current one.)"""
+    resolver = getattr(model.distribute_strategy, "cluster_resolver", None)
+    cluster = {} if resolver is None else resolver.cluster_spec().as_dict()
+    if not cluster or resolver.task_type in (None, "chief"):
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type in (None, "chief"):
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
+    return (resolver.task_type, resolver.task_id) == ("worker", 0) and (
+        "chief" not in cluster
+    )
 
 
 def set_random_state(arrays):

@@ -223,21 +223,18 @@ class TorchStep:
                 values.append(value)
                 seeds.append(torch.ones_like(value) * _as_tensor(
                     coefficient, value.dtype))
-            leaves = [leaf for v in variables for leaf in self._leaves.get(
-                id(v), [])]
+            per_variable = [self._leaves.get(id(v), []) for v in variables]
+            leaves = [leaf for group in per_variable for leaf in group]
             grads = iter(torch.autograd.grad(
                 values, leaves, seeds, retain_graph=True, allow_unused=True
-            )) if leaves else iter(())
+            ) if leaves else ())
         result = []
-        for variable in variables:
-            total = None
-            for _ in self._leaves.get(id(variable), []):
-                grad = next(grads)
-                if grad is not None:
-                    total = grad if total is None else total + grad
+        for variable, group in zip(variables, per_variable):
+            # A variable used by several nodes has a leaf in each.
+            parts = [g for g in (next(grads) for _ in group) if g is not None]
             result.append(
-                torch.zeros_like(variable.value).detach() if total is None
-                else total
+                sum(parts[1:], parts[0]) if parts
+                else torch.zeros_like(variable.value).detach()
             )
         return result
 
@@ -439,9 +436,10 @@ def random_state():
     return [t.cpu().numpy() for t in [cpu, *cuda]]
 
 
-def writes_files():
+def writes_files(model):
     """Whether this process writes the run's files (backups): always (one
     process; Keras's torch backend has no multi-process training)."""
+    del model
     return True
 
 

@@ -368,7 +368,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             }
         if (
             self.delete_checkpoint
-            and backend.get().writes_files()
+            and backend.get().writes_files(self.model)
             and os.path.exists(self.backup_dir)
         ):
             shutil.rmtree(self.backup_dir, ignore_errors=True)
@@ -415,9 +415,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             (f"{_RANDOM}/{i}", a) for i, a in enumerate(random_state)
         )
         arrays[_META] = np.array(json.dumps(meta))
-        # Every worker reads its variables (as it runs every callback); only
-        # the chief of a multi-worker run writes the one backup they share.
-        if backend.get().writes_files():
+        # Every worker reads the variables above: under a multi-worker
+        # strategy a metric's variable is synchronized on read, and reading
+        # it is a collective that waits for all workers. Only the chief
+        # writes the one backup they share.
+        if backend.get().writes_files(self.model):
             os.makedirs(self.backup_dir, exist_ok=True)
             with atomic_path(self._path) as tmp:
                 with open(tmp, "wb") as f:
