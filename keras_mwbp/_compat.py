@@ -118,3 +118,13 @@ def symbolic_build_on_local_values(model, iterator=None, data_batch=None):
             break
     with strategy.scope():
         model._symbolic_build(data_batch=data_batch)
+
+
+def conv_classes():
+    """`(BaseConv, Conv1D)`: Keras's private convolution base class, whose
+    `call` and `convolution_op` `Conv2D` and `Conv3D` run, and `Conv1D`,
+    which has a `call` of its own for causal padding (Keras 3.12.0 to
+    3.15.1). Used by the torch backend's hand-written VJPs."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+
+    return BaseConv, keras.layers.Conv1D

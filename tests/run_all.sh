@@ -41,7 +41,7 @@ JAX_FILES=(
   tests/test_label_values.py tests/test_loss_names.py
 )
 TORCH_FILES=(
-  tests/test_torch_step.py
+  tests/test_torch_step.py tests/test_torch_vjp.py
   tests/test_reference.py
   tests/test_methods_reference.py tests/test_learning_rate.py
   tests/test_loss_scaling.py tests/test_regressions_issue9.py
@@ -87,10 +87,11 @@ for stage in $STAGES; do
     "$OLDEST_VENV/bin/python" -c "import keras; assert keras.__version__ == '$KERAS_OLDEST', keras.__version__"
     KERAS_BACKEND=tensorflow pytest_run "$OLDEST_VENV/bin/python" \
       "${OLDEST_FILES[@]}" "$@"
-    # The torch step's use of Keras internals, and the backend-neutral
-    # naming of torch's optimizer subclasses (_compat), on the oldest Keras.
+    # The torch step's use of Keras internals, the backend-neutral naming
+    # of torch's optimizer subclasses (_compat), and the hand-written VJPs
+    # against Keras's own layers, on the oldest Keras.
     KERAS_BACKEND=torch pytest_run "$OLDEST_VENV/bin/python" \
-      tests/test_torch_step.py "$@"
+      tests/test_torch_step.py tests/test_torch_vjp.py "$@"
     ;;
   *)
     echo "unknown stage $stage (use tensorflow, jax, torch, oldest)" >&2

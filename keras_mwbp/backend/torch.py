@@ -11,14 +11,21 @@ does: each node's inputs (the features of the forward pass), its
 non-trainable state before the call (BatchNorm statistics, dropout seeds,
 cloned: torch assigns variables in place) and its outputs. The gradient of
 a linear combination of the head losses is a reverse pass over the recorded
-nodes; each node's vector-Jacobian product is taken by calling the node
-again, under `torch.enable_grad()`, on detached copies of its stored inputs
-and on detached leaves of its parameters' *current* values (after the
-updates of the earlier losses of the step: paper Eq. 10), in a
-`keras.StatelessScope` that replays its recorded state, and
-`torch.autograd.grad` of that call. No autograd graph outlives the node's
-VJP, so nothing is ever back-propagated through a tensor an optimizer has
-since written in place.
+nodes, each node's vector-Jacobian product taken at its stored inputs and
+its parameters' *current* values (after the updates of the earlier losses
+of the step: paper Eq. 10), in one of two ways:
+
+- by the node's hand-written rule (`torch_vjp`: convolutions, Dense,
+  BatchNormalization, ReLU, Add, ...), which needs no forward output;
+- otherwise by calling the node again, under `torch.enable_grad()`, on
+  detached copies of its stored inputs and on detached leaves of its
+  parameters' current values, in a `keras.StatelessScope` that replays its
+  recorded state, and `torch.autograd.grad` of that call.
+
+No autograd graph outlives the node's VJP, so nothing is ever
+back-propagated through a tensor an optimizer has since written in place.
+Where a node has no rule, the shared forward pass also records its own
+autograd graph, used while no parameter has changed (`_graph_gradients`).
 """
 
 import contextlib
@@ -28,6 +35,7 @@ import keras
 import torch
 
 from keras_mwbp import resume
+from keras_mwbp.backend import torch_vjp
 from keras_mwbp._compat import operation_fn
 
 
@@ -70,6 +78,7 @@ class TorchStep:
         self._graph_outputs = None
         self._leaves = {}
         self._versions = {}
+        self._rules = {}
 
     def fresh(self):
         """A new step for another forward pass from this step's initial
@@ -92,8 +101,13 @@ class TorchStep:
             for ref, value in zip(model.inputs, model._standardize_inputs(x))
         }
         # A whole training-mode pass also records its autograd graph, which
-        # gives the gradients for as long as no parameter has changed.
-        record = nodes is None and training
+        # gives the gradients for as long as no parameter has changed,
+        # unless every node has a hand-written VJP (`torch_vjp`): those are
+        # as fast as the graph's backward, and the pass is faster and keeps
+        # less memory without it.
+        record = nodes is None and training and any(
+            self._rule(index) is None for index in range(len(self.graph.nodes))
+        )
         self._graph_outputs, self._leaves, self._versions = None, {}, {}
         with torch.enable_grad() if record else torch.no_grad():
             for index, node in enumerate(self.graph.nodes):
@@ -278,6 +292,8 @@ class TorchStep:
             if ref_id in self.graph.producer and _is_float(value)
         ]
         variables = self.graph.node_variables(index)
+        if self._rule_vjp(index, output_cts, var_grads, cotangents):
+            return
         values = dict(edges)
         inputs = [_leaf(edges[i], True) for i in input_ids]
         values.update(zip(input_ids, inputs))
@@ -303,6 +319,40 @@ class TorchStep:
             _accumulate(cotangents, ref_id, grad)
         for variable, grad in zip(variables, grads[len(inputs):]):
             _accumulate(var_grads, id(variable), grad)
+
+
+    def _rule(self, index):
+        """Node `index`'s hand-written VJP in training mode, or None; made
+        once per step (a rule may cache the step's batch statistics)."""
+        if index not in self._rules:
+            self._rules[index] = torch_vjp.vjp_rule(
+                self.graph.nodes[index], training=True)
+        return self._rules[index]
+
+    def _rule_vjp(self, index, output_cts, var_grads, cotangents):
+        """Node `index`'s VJP by its hand-written rule (`torch_vjp`), which
+        needs no forward output; False where it has none."""
+        rule = self._rule(index)
+        if rule is None or output_cts[0] is None:
+            return False
+        node = self.graph.nodes[index]
+        edges = self.edges[index]
+        inputs = [edges[id(t)] for t in node.input_tensors]
+        needs = [
+            id(t) in self.graph.producer and _is_float(x)
+            for t, x in zip(node.input_tensors, inputs)
+        ]
+        params = {id(v): v.value for v in self.graph.node_variables(index)}
+        result = rule(inputs, params, output_cts[0], needs)
+        if result is None:
+            return False
+        input_grads, param_grads = result
+        for t, grad, need in zip(node.input_tensors, input_grads, needs):
+            if need:
+                _accumulate(cotangents, id(t), grad)
+        for key, grad in param_grads.items():
+            _accumulate(var_grads, key, grad)
+        return True
 
 
 Step = TorchStep
