@@ -281,7 +281,10 @@ class TorchStep:
         its parameters; adds to `cotangents` (by input tensor) and
         `var_grads` (by variable)."""
         node = self.graph.nodes[index]
-        output_cts = [cotangents.get(id(o)) for o in node.outputs]
+        # Each output's cotangent is complete (its consumers come later in
+        # run order) and needed no more: dropped, as autograd frees a
+        # gradient once used, so a step holds one layer's, not every one's.
+        output_cts = [cotangents.pop(id(o), None) for o in node.outputs]
         if all(ct is None for ct in output_cts):
             return
         edges = self.edges[index]
