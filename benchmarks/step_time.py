@@ -16,7 +16,9 @@ NumPy values and so waits for the step to finish; the first `--warmup` steps
 - The floor of an exact MW-BP step, `F + sum_i B_i`: `F` is one training-mode
   forward pass, `B_i` loss i's backward pass alone (forward plus backward of
   loss i, minus `F`), each a compiled function of the backend (on PyTorch,
-  eager autograd, as Keras's torch trainer runs) timed in the same run. Every exact implementation pays at least this.
+  eager autograd, as Keras's torch trainer runs) timed in the same run, in
+  interleaved rounds (each B_i against its own round's F). Every exact
+  implementation pays at least this.
 
 Ratios are to `joint` (and mwbp to the floor) on the same backend, from the
 same run.
@@ -193,13 +195,26 @@ def measure_floor(args):
             return value
     else:
         raise SystemExit(f"no floor measurement for backend {backend!r}")
-    forward_s = _median_time(lambda: wait(forward()), args.steps, args.warmup)
-    both = []
-    for i in heads:
-        run = backward_of(i)
-        both.append(_median_time(lambda: wait(run()), args.steps,
-                                 args.warmup))
-    backward_s = [max(0.0, t - forward_s) for t in both]
+    # Interleaved rounds (F, then each loss's forward + backward), each B_i
+    # against the F of its own round, so a drift in the machine's speed
+    # over the measurement does not land on one term.
+    runs = [forward] + [backward_of(i) for i in heads]
+    for _ in range(args.warmup):
+        for run in runs:
+            wait(run())
+    rounds = []
+    for _ in range(args.steps):
+        times = []
+        for run in runs:
+            start = time.perf_counter()
+            wait(run())
+            times.append(time.perf_counter() - start)
+        rounds.append(times)
+    forward_s = statistics.median(r[0] for r in rounds)
+    backward_s = [
+        max(0.0, statistics.median(r[i + 1] - r[0] for r in rounds))
+        for i in heads
+    ]
     return {
         "forward_s": forward_s,
         "backward_s": backward_s,
