@@ -517,8 +517,9 @@ def test_bad_anytime_model_arguments():
 
 
 # ------------------------------------------------------------ JAX
-def test_jax_backend_routes_exactly_and_loads_the_file(tmp_path):
-    pytest.importorskip("jax")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_route_exactly_and_load_the_file(tmp_path, backend):
+    pytest.importorskip(backend)
     model = mlp_model("joint", seed=6)
     x, _ = data(70, seed=11)
     heads, thresholds = mid_thresholds(model, x)
@@ -526,20 +527,22 @@ def test_jax_backend_routes_exactly_and_loads_the_file(tmp_path):
     assert set(exits) == {0, 1, 2}
     fast = anytime.AnytimeModel(model, thresholds)
     path = str(tmp_path / "anytime.keras")
-    fast.save(path)  # Saved with TensorFlow, run with JAX.
+    fast.save(path)  # Saved with TensorFlow, run with `backend`.
     np.save(tmp_path / "x.npy", x)
     script = (
         "import numpy as np, keras\n"
         "import keras_mwbp.anytime\n"
-        "assert keras.backend.backend() == 'jax'\n"
+        f"assert keras.backend.backend() == {backend!r}\n"
         f"m = keras.saving.load_model({path!r})\n"
         f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        # torch: the routing records no autograd graph.
+        "assert not getattr(m.route(x[:8])[0], 'requires_grad', False)\n"
         f"np.save({str(tmp_path / 'logits.npy')!r}, "
         "m.predict(x, batch_size=32, verbose=0))\n"
         f"np.save({str(tmp_path / 'exits.npy')!r}, "
         "m.exit_index(x, batch_size=32))\n"
     )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND=backend)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
