@@ -130,8 +130,8 @@ def test_rule_equals_autograd_through_the_layer(case):
 def test_strided_pointwise_conv_where_torch_channels_last_is_wrong():
     """A 1x1 stride-2 conv from 3 to 5 channels on 8x8: torch 2.13's CPU
     convolution_backward gives a wrong kernel gradient in channels-last
-    layout (which Keras's torch conv uses); the rule equals a float64 conv
-    in torch's standard layout."""
+    layout (which Keras's torch conv uses; uxlfoundation/oneDNN#6035); the
+    rule equals a float64 conv in torch's standard layout."""
     import torch
 
     keras.utils.set_random_seed(1)

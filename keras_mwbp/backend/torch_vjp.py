@@ -144,9 +144,11 @@ def _conv_rule(operation, node):
         weight = kernel.permute([rank + 1, rank] + list(range(rank)))
         weight = weight.contiguous()
         # Channels-last, as Keras's torch conv runs, except for a strided
-        # 1x1 kernel: there torch 2.13's CPU convolution_backward can give
-        # a wrong kernel gradient in channels-last (e.g. 3 -> 5 channels,
-        # 8x8, stride 2; Keras's own autograd gets it wrong too).
+        # 1x1 kernel: there oneDNN's AVX2 1x1 backward-weights kernel in
+        # torch 2.13 gives a wrong kernel gradient in channels-last when the
+        # input has fewer channels than its block (e.g. 3 -> 5 channels,
+        # 8x8, stride 2; uxlfoundation/oneDNN#6035, open). Keras's own
+        # autograd on torch gets it wrong too.
         pointwise = all(k == 1 for k in weight.shape[2:])
         strided = any(s != 1 for s in strides)
         if channels_last and rank in (2, 3) and not (pointwise and strided):
