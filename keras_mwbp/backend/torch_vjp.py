@@ -77,6 +77,13 @@ def _plain(operation):
     return len(dtypes) == 1 and dtypes.pop() in ("float32", "float64")
 
 
+def _runs_keras_call(operation, node, *classes):
+    """A single-input node of a plain layer (`_plain`) whose class runs
+    the `call` of one of `classes`."""
+    return (_single_input(node) and _plain(operation)
+            and _keras_call(operation, *classes))
+
+
 def _single_input(node):
     args = node.arguments.args
     return (
@@ -86,22 +93,25 @@ def _single_input(node):
     )
 
 
-def _checked(rule):
-    """`rule`, applied only where every input has the compute dtype."""
+def _checked(rule, *variables):
+    """`rule`, called with the current values of `variables` (None entries
+    stay None) where each is in `params` and every input and value has the
+    cotangent's dtype; else None (re-called)."""
 
     def run(inputs, params, cotangent, needs):
+        current = [None if v is None else params.get(id(v))
+                   for v in variables]
+        if any(v is not None and value is None
+               for v, value in zip(variables, current)):
+            return None
         dtype = cotangent.dtype
         if any(x.dtype != dtype for x in inputs) or any(
-            p.dtype != dtype for p in params.values()
+            value is not None and value.dtype != dtype for value in current
         ):
             return None
-        return rule(inputs, params, cotangent, needs)
+        return rule(inputs, current, cotangent, needs)
 
     return run
-
-
-def _param(params, variable):
-    return None if variable is None else params.get(id(variable))
 
 
 # ------------------------------------------------------------ convolution
@@ -116,9 +126,7 @@ def _same_padding(size, kernel, stride, dilation):
 
 
 def _conv_rule(operation, node):
-    if not _single_input(node) or not _plain(operation):
-        return None
-    if not _keras_call(operation, *conv_classes()):
+    if not _runs_keras_call(operation, node, *conv_classes()):
         return None
     if type(operation).convolution_op is not conv_classes()[0].convolution_op:
         return None
@@ -130,11 +138,8 @@ def _conv_rule(operation, node):
     dilation = list(operation.dilation_rate)
     spatial = list(range(2, rank + 2))
 
-    def rule(inputs, params, cotangent, needs):
-        kernel = _param(params, kernel_var)
-        if kernel is None or (bias_var is not None and
-                              _param(params, bias_var) is None):
-            return None
+    def rule(inputs, current, cotangent, needs):
+        kernel, _ = current
         (x,) = inputs
         ct = cotangent
         if channels_last:  # To (batch, channels, *spatial), as Keras does.
@@ -195,14 +200,12 @@ def _conv_rule(operation, node):
             grads[id(bias_var)] = ct.sum([0] + spatial)
         return [grad_x], grads
 
-    return _checked(rule)
+    return _checked(rule, kernel_var, bias_var)
 
 
 # ------------------------------------------------------------------ dense
 def _dense_rule(operation, node):
-    if not _single_input(node) or not _plain(operation):
-        return None
-    if not _keras_call(operation, keras.layers.Dense):
+    if not _runs_keras_call(operation, node, keras.layers.Dense):
         return None
     if operation.compute_dtype != "float32":
         # Keras's torch `matmul` rounds a float64 product to float32, and
@@ -211,11 +214,8 @@ def _dense_rule(operation, node):
     kernel_var = operation.kernel
     bias_var = operation.bias
 
-    def rule(inputs, params, cotangent, needs):
-        kernel = _param(params, kernel_var)
-        if kernel is None or (bias_var is not None and
-                              _param(params, bias_var) is None):
-            return None
+    def rule(inputs, current, cotangent, needs):
+        kernel, _ = current
         (x,) = inputs
         ct = cotangent.reshape(-1, cotangent.shape[-1])
         grads = {id(kernel_var): x.reshape(-1, x.shape[-1]).T @ ct}
@@ -224,14 +224,12 @@ def _dense_rule(operation, node):
         grad_x = cotangent @ kernel.T if needs[0] else None
         return [grad_x], grads
 
-    return _checked(rule)
+    return _checked(rule, kernel_var, bias_var)
 
 
 # ---------------------------------------------------- batch normalization
 def _batch_norm_rule(operation, node):
-    if not _single_input(node) or not _plain(operation):
-        return None
-    if not _keras_call(operation, keras.layers.BatchNormalization):
+    if not _runs_keras_call(operation, node, keras.layers.BatchNormalization):
         return None
     if not operation.trainable or getattr(operation, "renorm", False):
         return None
@@ -243,12 +241,8 @@ def _batch_norm_rule(operation, node):
     axis = operation.axis
     statistics = []  # (input, mean, inverse std): one input per step.
 
-    def rule(inputs, params, cotangent, needs):
-        gamma = _param(params, gamma_var)
-        if (gamma_var is not None and gamma is None) or (
-            beta_var is not None and _param(params, beta_var) is None
-        ):
-            return None
+    def rule(inputs, current, cotangent, needs):
+        gamma, _ = current
         (x,) = inputs
         channel = axis % x.ndim
         reduce = [d for d in range(x.ndim) if d != channel]
@@ -274,7 +268,7 @@ def _batch_norm_rule(operation, node):
             grad_x = grad_x.movedim(1, channel)
         return [grad_x], grads
 
-    return _checked(rule)
+    return _checked(rule, gamma_var, beta_var)
 
 
 # ------------------------------------------------- parameter-free layers
