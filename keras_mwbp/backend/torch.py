@@ -287,6 +287,8 @@ class TorchStep:
         output_cts = [cotangents.pop(id(o), None) for o in node.outputs]
         if all(ct is None for ct in output_cts):
             return
+        if self._rule_vjp(index, output_cts, var_grads, cotangents):
+            return
         edges = self.edges[index]
         # Inputs made by another node, of a float dtype (the model's inputs
         # and integer tensors need no cotangent).
@@ -295,8 +297,6 @@ class TorchStep:
             if ref_id in self.graph.producer and _is_float(value)
         ]
         variables = self.graph.node_variables(index)
-        if self._rule_vjp(index, output_cts, var_grads, cotangents):
-            return
         values = dict(edges)
         inputs = [_leaf(edges[i], True) for i in input_ids]
         values.update(zip(input_ids, inputs))
@@ -322,7 +322,6 @@ class TorchStep:
             _accumulate(cotangents, ref_id, grad)
         for variable, grad in zip(variables, grads[len(inputs):]):
             _accumulate(var_grads, id(variable), grad)
-
 
     def _rule(self, index):
         """Node `index`'s hand-written VJP in training mode, or None; made
