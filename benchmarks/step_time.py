@@ -13,6 +13,10 @@ NumPy values and so waits for the step to finish; the first `--warmup` steps
   snapshot and checks).
 - `keras-joint`: plain Keras Joint BP, a `keras.Model` with the same outputs
   compiled with `loss_weights` = the gammas.
+- `authors-mwbp`, `authors-joint` (PyTorch only): the authors' training loop
+  in plain PyTorch (`benchmarks/authors_loop.py`: the same network, one
+  forward pass and `backward(retain_graph=True)` per loss, parameters written
+  through `.data`; fast, but not exact MW-BP), with the same SGD.
 - The floor of an exact MW-BP step, `F + sum_i B_i`: `F` is one training-mode
   forward pass, `B_i` loss i's backward pass alone (forward plus backward of
   loss i, minus `F`), each a compiled function of the backend (on PyTorch,
@@ -41,7 +45,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKENDS = ("tensorflow", "jax", "torch")
-ROWS = ("standard", "joint", "mwbp", "mwbp-zero", "keras-joint", "floor")
+ROWS = ("standard", "joint", "mwbp", "mwbp-zero", "keras-joint",
+        "authors-mwbp", "authors-joint", "floor")
 
 
 def peak_rss_mib():
@@ -95,6 +100,11 @@ def measure(row, args):
     if row == "floor":
         result.update(measure_floor(args))
         return result
+    if row.startswith("authors-"):
+        result.update(measure_authors_loop(row.split("-")[1], args))
+        result["peak_rss_mib"] = peak_rss_mib()
+        result["rss_growth_mib"] = result["peak_rss_mib"] - rss_before
+        return result
     method = "joint" if row == "keras-joint" else row.split("-")[0]
     model, x, y = _model_and_data(args, method)
     if row == "keras-joint":
@@ -118,6 +128,32 @@ def measure(row, args):
     result["peak_rss_mib"] = peak_rss_mib()
     result["rss_growth_mib"] = result["peak_rss_mib"] - rss_before
     return result
+
+
+def measure_authors_loop(method, args):
+    """The authors' loop in plain PyTorch on the same network and data."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        raise SystemExit("the authors' loop rows run on --backend torch only")
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import authors_loop
+
+    from keras_mwbp.models.cifar_resnet import CIFAR_RESNET_PRESETS
+    from keras_mwbp.models.cifar_resnet import official_taps
+
+    reference, x, y = _model_and_data(args, "mwbp")
+    blocks = CIFAR_RESNET_PRESETS[args.depth]
+    step, network = authors_loop.make_step(
+        method, blocks, official_taps(3 * blocks, args.losses),
+        [float(g) for g in reference.head_weights], x, y)
+    sizes = sum(p.numel() for p in network.parameters())
+    expected = sum(int(v.numpy().size) for v in reference.trainable_variables)
+    if sizes != expected:
+        raise SystemExit(f"the authors' network has {sizes} parameters, the "
+                         f"Keras one {expected}")
+    del reference
+    return {"step_s": _median_time(step, args.steps, args.warmup)}
 
 
 def measure_floor(args):
@@ -284,6 +320,14 @@ def report(backend, results):
                f"{joint['step_s'] / by_row['keras-joint']['step_s']:.2f}x"
                if joint and "keras-joint" in by_row else "")
         )
+    against_authors = [
+        f"{row} / authors-{row} = "
+        f"{by_row[row]['step_s'] / by_row['authors-' + row]['step_s']:.2f}x"
+        for row in ("mwbp", "joint")
+        if row in by_row and f"authors-{row}" in by_row
+    ]
+    if against_authors:
+        lines.append("; ".join(against_authors))
     return f"backend {backend}\n" + "\n".join(lines)
 
 
@@ -293,7 +337,9 @@ def main():
                         default=["tensorflow"])
     parser.add_argument("--rows", nargs="+", choices=ROWS,
                         default=["standard", "joint", "mwbp", "keras-joint",
-                                 "floor"])
+                                 "authors-mwbp", "authors-joint", "floor"],
+                        help="rows to measure (the authors' loop rows only "
+                        "on torch)")
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2,
@@ -317,7 +363,8 @@ def main():
     )
     everything = {}
     for backend in args.backend:
-        results = [run_in_subprocess(backend, row, args) for row in args.rows]
+        results = [run_in_subprocess(backend, row, args) for row in args.rows
+                   if backend == "torch" or not row.startswith("authors-")]
         everything[backend] = results
         print(report(backend, results), flush=True)
     if args.json:

@@ -62,7 +62,7 @@ pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.
   shift
   local parallel=()
   if [ "$JOBS" -gt 1 ] && "$python" -c "import xdist" 2>/dev/null; then
-    parallel=(-n "$JOBS")
+    parallel=(-n "$JOBS" --dist loadgroup)
   fi
   "$python" -m pytest -p no:cacheprovider -p no:benchmark --durations=15 "${parallel[@]}" "$@"
 }

@@ -26,6 +26,10 @@ import textwrap
 import numpy as np
 import pytest
 
+# One worker runs the whole module (`--dist loadgroup`), so its module-
+# level runs happen once, not once per worker.
+pytestmark = pytest.mark.xdist_group("cross_backend_saving")
+
 BACKENDS = ("tensorflow", "jax", "torch")
 for _name in BACKENDS:
     pytest.importorskip(_name)

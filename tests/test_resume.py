@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One worker runs the whole module (`--dist loadgroup`), so its module-
+# level runs happen once, not once per worker.
+pytestmark = pytest.mark.xdist_group("resume")
+
 CHILD = Path(__file__).with_name("_resume_child.py")
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 32  # 4 epochs x 8 batches
