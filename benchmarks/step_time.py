@@ -100,14 +100,13 @@ def measure(row, args):
     if row == "floor":
         result.update(measure_floor(args))
         return result
-    if row.startswith("authors-"):
-        result.update(measure_authors_loop(row.split("-")[1], args))
-        result["peak_rss_mib"] = peak_rss_mib()
-        result["rss_growth_mib"] = result["peak_rss_mib"] - rss_before
-        return result
-    method = "joint" if row == "keras-joint" else row.split("-")[0]
+    method = {"keras-joint": "joint", "authors-mwbp": "mwbp",
+              "authors-joint": "joint"}.get(row, row.split("-")[0])
     model, x, y = _model_and_data(args, method)
-    if row == "keras-joint":
+    if row.startswith("authors-"):
+        step = authors_loop_step(method, model, x, y, args)
+        del model
+    elif row == "keras-joint":
         plain = keras.Model(model.inputs, model.outputs)
         plain.compile(optimizer=_optimizer(),
                       loss=[_loss()] * model.num_heads,
@@ -130,8 +129,9 @@ def measure(row, args):
     return result
 
 
-def measure_authors_loop(method, args):
-    """The authors' loop in plain PyTorch on the same network and data."""
+def authors_loop_step(method, reference, x, y, args):
+    """A step of the authors' loop in plain PyTorch on the network of the
+    Keras model `reference` (checked by its parameter count), same data."""
     import keras
 
     if keras.backend.backend() != "torch":
@@ -142,7 +142,6 @@ def measure_authors_loop(method, args):
     from keras_mwbp.models.cifar_resnet import CIFAR_RESNET_PRESETS
     from keras_mwbp.models.cifar_resnet import official_taps
 
-    reference, x, y = _model_and_data(args, "mwbp")
     blocks = CIFAR_RESNET_PRESETS[args.depth]
     step, network = authors_loop.make_step(
         method, blocks, official_taps(3 * blocks, args.losses),
@@ -152,8 +151,7 @@ def measure_authors_loop(method, args):
     if sizes != expected:
         raise SystemExit(f"the authors' network has {sizes} parameters, the "
                          f"Keras one {expected}")
-    del reference
-    return {"step_s": _median_time(step, args.steps, args.warmup)}
+    return step
 
 
 def measure_floor(args):
