@@ -11,6 +11,10 @@ from keras_mwbp import attach_heads
 NUM_CLASSES = 3
 APPS = keras.applications
 
+# Seeded initial weights: unseeded, MobileNetV2's final loss once rose over
+# the smoke test's six steps (batch 4, BatchNorm in training mode).
+pytestmark = pytest.mark.usefixtures("seeded")
+
 
 def residual_backbone(blocks=6, width=8):
     """A plain-Keras ResNet: stem conv, `blocks` blocks `block_{i}_out`.

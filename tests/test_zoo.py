@@ -101,6 +101,7 @@ TINY = {
 }
 
 
+@pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_mwbp_training_moves_every_weight_and_lowers_every_loss(family):
     """A few MW-BP steps on one fixed batch: per-head logs, every trainable
