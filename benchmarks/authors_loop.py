@@ -1,21 +1,43 @@
-"""The authors' MW-BP training loop, rewritten for current PyTorch (a baseline).
+"""The authors' MW-BP training loop, rewritten for current PyTorch.
 
-A timing baseline for `benchmarks/step_time.py --backend torch`, written in
-plain PyTorch without Keras: the CIFAR ResNet of `keras_mwbp.models.
+Plain PyTorch without Keras: the CIFAR ResNet of `keras_mwbp.models.
 cifar_resnet` (same layers, shapes and heads; channels-first, as PyTorch
-code is written) trained the way the authors' code trains it (one forward
-pass, then for each loss, shallowest first, `backward(retain_graph=True)`
-and a step of that loss's own SGD optimizer).
+code is written) trained the way the authors' code trains it, in every
+method of `keras_mwbp` (`training_step`, `METHODS`):
+
+- `mwbp` / `reverse_mwbp`: one forward pass, then for each loss, shallowest
+  (or deepest) first, `backward(retain_graph=True)` and a step of that
+  loss's own SGD (`DataSGD`, over the parameters the loss reaches);
+- `naive_mwbp` / `naive_reverse_mwbp`: the same, each loss after the first
+  from a new forward pass, with the BatchNorm running statistics of the
+  first pass kept;
+- `joint`: one backward pass of `sum_i gamma_i loss_i`, one optimizer;
+  `relay`: the same with loss i's gradient kept to segments
+  `i - relay_span .. i` (`segment_parameters`); `standard`: the final loss.
+
+It is a timing baseline for `benchmarks/step_time.py --backend torch`
+(`make_step`, rows authors-mwbp and authors-joint) and the independent
+reference of `tests/test_authors_loop.py` (`ResNetWithHeads(...,
+keras_padding=True)` pads as Keras does).
 
 Since PyTorch 1.5 autograd refuses a backward pass through tensors an
 optimizer changed in place, so the per-loss optimizers here write the
 parameters through `.data`, as the authors' PyTorch 1.0 optimizers did. That
 hides the writes from autograd's version check: the backward pass of a later
-loss then sees the new value of every parameter an op saved (a convolution's
-kernel) and the old value of anything else an op kept. It is MW-BP only as
-far as that goes, and not exact (`keras_mwbp` re-linearizes instead); it is
-here for its speed, the cost of one forward and one backward pass per loss
-with no re-linearization.
+loss sees the new value of every parameter an op saved by reference and the
+old value of anything else an op kept. On this network that is exact MW-BP
+(paper Eq. 10): the parameters a later loss back-propagates through are the
+trunk's convolution kernels and BatchNorm scales, which those ops save
+themselves, and everything else the trunk's ops keep (inputs, BatchNorm
+batch statistics, ReLU outputs) is a feature of the shared forward pass,
+which Eq. 10 keeps too. `tests/test_authors_loop.py` finds all seven
+methods equal to `keras_mwbp`'s within float32 round-off. It is not exact in
+general: an op that saves a value computed from a parameter (a cast under
+autocast, a reparametrized weight, the output of an activation fused into a
+layer with parameters, as in `Dense(activation="tanh")`) keeps its old
+value.
+The speed is one forward and one backward pass per loss, with no
+re-linearization.
 """
 
 import torch
@@ -29,7 +51,25 @@ def _bn(channels):
     return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
 
 
-def _conv(cin, cout, kernel, stride):
+class SameConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's (and Keras's) "same" padding: where
+    the total padding is odd (a 3x3 stride-2 convolution on an even size),
+    the extra row and column go at the bottom and right, where PyTorch's
+    symmetric `padding=1` shifts the sampling grid by one pixel."""
+
+    def forward(self, x):
+        pads = []
+        for size, kernel, stride in zip(reversed(x.shape[2:]),
+                                        reversed(self.kernel_size),
+                                        reversed(self.stride)):
+            total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def _conv(cin, cout, kernel, stride, keras_padding=False):
+    if keras_padding:
+        return SameConv2d(cin, cout, kernel, stride=stride, bias=False)
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2,
                      bias=False)
 
@@ -37,14 +77,16 @@ def _conv(cin, cout, kernel, stride):
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity or 1x1-conv + BN shortcut."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, keras_padding=False):
         super().__init__()
-        self.conv1, self.bn1 = _conv(cin, cout, 3, stride), _bn(cout)
-        self.conv2, self.bn2 = _conv(cout, cout, 3, 1), _bn(cout)
+        self.conv1 = _conv(cin, cout, 3, stride, keras_padding)
+        self.bn1 = _bn(cout)
+        self.conv2 = _conv(cout, cout, 3, 1, keras_padding)
+        self.bn2 = _bn(cout)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(_conv(cin, cout, 1, stride),
-                                          _bn(cout))
+            self.shortcut = nn.Sequential(
+                _conv(cin, cout, 1, stride, keras_padding), _bn(cout))
 
     def forward(self, x):
         shortcut = x if self.shortcut is None else self.shortcut(x)
@@ -69,17 +111,23 @@ class Head(nn.Module):
 
 class ResNetWithHeads(nn.Module):
     """CIFAR ResNet-`6n+2` with auxiliary heads after the blocks `taps`
-    (1-based), returning every head's logits, shallowest first."""
+    (1-based), returning every head's logits, shallowest first.
 
-    def __init__(self, blocks_per_stage, taps, num_classes=10):
+    `keras_padding=True` pads every convolution as Keras's `"same"` does
+    (`SameConv2d`), for a weight-for-weight copy of `keras_mwbp.models.
+    cifar_resnet`; the default is the usual PyTorch ResNet (`padding=1`)."""
+
+    def __init__(self, blocks_per_stage, taps, num_classes=10,
+                 keras_padding=False):
         super().__init__()
-        self.stem = nn.Sequential(_conv(3, STAGE_FILTERS[0], 3, 1),
-                                  _bn(STAGE_FILTERS[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            _conv(3, STAGE_FILTERS[0], 3, 1, keras_padding),
+            _bn(STAGE_FILTERS[0]), nn.ReLU())
         blocks, cin = [], STAGE_FILTERS[0]
         for stage, cout in enumerate(STAGE_FILTERS):
             for index in range(blocks_per_stage):
                 stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(cin, cout, stride))
+                blocks.append(BasicBlock(cin, cout, stride, keras_padding))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.taps = list(taps)
@@ -106,6 +154,14 @@ class ResNetWithHeads(nn.Module):
         modules = [self.stem, *self.blocks[:depth], self.heads[i]]
         return [p for m in modules for p in m.parameters()]
 
+    def segment_parameters(self, s):
+        """Relay BP's segment `s`: the trunk between tap `s - 1` (the stem
+        for `s = 0`) and tap `s`, and head `s`."""
+        ends = [0] + self.taps + [len(self.blocks)]
+        modules = [self.stem] if s == 0 else []
+        modules += [*self.blocks[ends[s]:ends[s + 1]], self.heads[s]]
+        return [p for m in modules for p in m.parameters()]
+
 
 class DataSGD:
     """SGD with Nesterov momentum that writes the parameters through `.data`
@@ -126,16 +182,43 @@ class DataSGD:
                             alpha=-self.lr)
 
 
-def mwbp_step(model, optimizers, gammas, x, y):
-    """One forward pass, then per loss (shallowest first) its backward pass
-    through the recorded graph and its own optimizer's step."""
+METHODS = ("standard", "joint", "relay", "mwbp", "reverse_mwbp",
+           "naive_mwbp", "naive_reverse_mwbp")
+
+
+def mwbp_step(model, optimizers, gammas, x, y, order=None):
+    """One forward pass, then per loss (shallowest first, or in `order`)
+    its backward pass through the recorded graph and its own optimizer's
+    step."""
     outputs = model(x)
-    for i, (logits, optimizer) in enumerate(zip(outputs, optimizers)):
+    order = range(len(outputs)) if order is None else order
+    for n, i in enumerate(order):
+        optimizer = optimizers[i]
         for p in optimizer.params:
             p.grad = None
-        loss = gammas[i] * F.cross_entropy(logits, y)
-        loss.backward(retain_graph=i < len(outputs) - 1)
+        loss = gammas[i] * F.cross_entropy(outputs[i], y)
+        loss.backward(retain_graph=n < len(outputs) - 1)
         optimizer.step()
+
+
+def naive_step(model, optimizers, gammas, x, y, order):
+    """Naive MW-BP: as `mwbp_step`, but each loss after the first from a new
+    forward pass at the current parameters (its own batch statistics); the
+    BatchNorm running statistics keep what the first pass made of them."""
+    buffers = [b for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+               for b in m.buffers()]
+    for n, i in enumerate(order):
+        logits = model(x)[i]
+        if n == 0:
+            kept = [b.clone() for b in buffers]
+        optimizer = optimizers[i]
+        for p in optimizer.params:
+            p.grad = None
+        (gammas[i] * F.cross_entropy(logits, y)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        for b, k in zip(buffers, kept):
+            b.copy_(k)
 
 
 def joint_step(model, optimizer, gammas, x, y):
@@ -146,18 +229,69 @@ def joint_step(model, optimizer, gammas, x, y):
     optimizer.step()
 
 
+def standard_step(model, optimizer, x, y):
+    """Standard BP: the final loss only (the auxiliary heads get no
+    gradient, and `torch.optim.SGD` skips them)."""
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x)[-1], y).backward()
+    optimizer.step()
+
+
+def relay_step(model, optimizer, gammas, x, y, span=1):
+    """Relay BP: as `joint_step`, but loss i's gradient is taken for, and
+    reaches, only the parameters of segments `i - span .. i` (those of them
+    it depends on: not the heads of the segments below its own)."""
+    optimizer.zero_grad(set_to_none=True)
+    outputs = model(x)
+    for i, logits in enumerate(outputs):
+        reach = {id(p) for s in range(max(0, i - span), i + 1)
+                 for p in model.segment_parameters(s)}
+        params = [p for p in model.loss_parameters(i) if id(p) in reach]
+        grads = torch.autograd.grad(gammas[i] * F.cross_entropy(logits, y),
+                                    params,
+                                    retain_graph=i < len(outputs) - 1)
+        for p, g in zip(params, grads):
+            p.grad = g if p.grad is None else p.grad + g
+    optimizer.step()
+
+
+def training_step(method, model, gammas, lr=0.1, momentum=0.9,
+                  relay_span=1):
+    """Returns `step(x, y)`, one training step of `method` (one of
+    `METHODS`) on `model` with SGD (Nesterov momentum); `x` is
+    channels-first, `y` integer labels. The per-loss methods give every
+    loss its own `DataSGD` over the parameters it reaches."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    num_losses = len(gammas)
+    order = list(range(num_losses))
+    if "reverse" in method:
+        order.reverse()
+    if method.endswith("mwbp"):
+        optimizers = [DataSGD(model.loss_parameters(i), lr, momentum)
+                      for i in range(num_losses)]
+        if method.startswith("naive_"):
+            return lambda x, y: naive_step(model, optimizers, gammas, x, y,
+                                           order)
+        return lambda x, y: mwbp_step(model, optimizers, gammas, x, y, order)
+    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=momentum,
+                                nesterov=True)
+    if method == "standard":
+        return lambda x, y: standard_step(model, optimizer, x, y)
+    if method == "relay":
+        return lambda x, y: relay_step(model, optimizer, gammas, x, y,
+                                       relay_span)
+    return lambda x, y: joint_step(model, optimizer, gammas, x, y)
+
+
 def make_step(method, blocks_per_stage, taps, gammas, x, y, lr=0.1,
               momentum=0.9):
-    """Returns `(step, model)` for `method` "mwbp" or "joint"; `x` is
+    """Returns `(step, model)` for `method` (one of `METHODS`) on a new
+    default `ResNetWithHeads` and the fixed batch `x`, `y`; `x` is
     channels-last, as the Keras rows get it."""
     torch.manual_seed(0)
     model = ResNetWithHeads(blocks_per_stage, taps).train()
     x = torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
     y = torch.as_tensor(y).long()
-    if method == "mwbp":
-        optimizers = [DataSGD(model.loss_parameters(i), lr, momentum)
-                      for i in range(len(gammas))]
-        return (lambda: mwbp_step(model, optimizers, gammas, x, y)), model
-    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=momentum,
-                                nesterov=True)
-    return (lambda: joint_step(model, optimizer, gammas, x, y)), model
+    step = training_step(method, model, gammas, lr, momentum)
+    return (lambda: step(x, y)), model

@@ -16,7 +16,8 @@ NumPy values and so waits for the step to finish; the first `--warmup` steps
 - `authors-mwbp`, `authors-joint` (PyTorch only): the authors' training loop
   in plain PyTorch (`benchmarks/authors_loop.py`: the same network, one
   forward pass and `backward(retain_graph=True)` per loss, parameters written
-  through `.data`; fast, but not exact MW-BP), with the same SGD.
+  through `.data`; exact MW-BP on this network, `tests/test_authors_loop.py`),
+  with the same SGD.
 - The floor of an exact MW-BP step, `F + sum_i B_i`: `F` is one training-mode
   forward pass, `B_i` loss i's backward pass alone (forward plus backward of
   loss i, minus `F`), each a compiled function of the backend (on PyTorch,

@@ -39,6 +39,7 @@ JAX_FILES=(
   tests/test_backup_and_restore.py::test_rerun_after_the_last_backup_restores_state_and_history
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
+  tests/test_authors_loop.py
 )
 TORCH_FILES=(
   tests/test_torch_step.py tests/test_torch_vjp.py
@@ -48,6 +49,7 @@ TORCH_FILES=(
   tests/test_nan_policy.py tests/test_backup_and_restore.py
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
+  tests/test_authors_loop.py
 )
 OLDEST_FILES=(
   tests/test_keras_versions.py tests/test_zoo.py tests/test_reference.py
