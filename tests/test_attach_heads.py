@@ -11,8 +11,7 @@ from keras_mwbp import attach_heads
 NUM_CLASSES = 3
 APPS = keras.applications
 
-# Seeded initial weights: unseeded, MobileNetV2's final loss once rose over
-# the smoke test's six steps (batch 4, BatchNorm in training mode).
+# Seeded initial weights, so a failure reproduces.
 pytestmark = pytest.mark.usefixtures("seeded")
 
 
@@ -40,8 +39,8 @@ def check_trains(model, input_shape, num_taps):
     names = [f"head_{i}" for i in range(num_taps)] + ["final"]
     assert model.output_names == names
     rng = np.random.default_rng(0)
-    x = rng.random((4,) + tuple(input_shape), dtype=np.float32)
-    y = np.array([0, 1, 2, 0])
+    x = rng.random((8,) + tuple(input_shape), dtype=np.float32)
+    y = np.arange(8) % NUM_CLASSES
     assert_learns(model, x, y)
     depths = model._head_graph.depths
     assert len(depths) == num_taps + 1
@@ -49,7 +48,12 @@ def check_trains(model, input_shape, num_taps):
 
 
 APPLICATIONS = [
-    pytest.param(APPS.MobileNetV2, dict(input_shape=(32, 32, 3), alpha=0.35),
+    # 64x64, not 32x32: MobileNetV2 reduces 32x32 to 1x1, where each of its
+    # last BatchNorms normalizes 4 values of a batch of 4 and the final loss
+    # jumps up and down from step to step (it ended above its start in one
+    # CI run and with seed 0, also at a learning rate of 1e-4); at 64x64 and
+    # batch 8 it fell at every step with each of the 4 seeds tried.
+    pytest.param(APPS.MobileNetV2, dict(input_shape=(64, 64, 3), alpha=0.35),
                  ["block_2_add", "block_5_add"], "mwbp", id="MobileNetV2"),
     pytest.param(APPS.ResNet50, dict(input_shape=(32, 32, 3)),
                  ["conv2_block3_out", "conv3_block4_out"], "joint",
