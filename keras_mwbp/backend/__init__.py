@@ -11,6 +11,7 @@ supplies:
   (`gradients`, and `multiway_gradients`, which re-linearizes the nodes whose
   parameters the earlier losses of the step updated: paper Eq. 10), and
   `commit_state` (BatchNorm statistics and seed states, once per step);
+  JAX's and torch's are `reverse_pass.ReversePassStep` with their own VJPs;
 - the ordering and checking helpers of an update (`after`, `token`,
   `control_dependencies`, `all_finite`, `zero_nans`, `first_failure`,
   `snapshot`, `restore_unless`, `assert_finite_step`), `num_replicas` and

@@ -9,18 +9,15 @@ variable to its value in one `keras.StatelessScope` and runs
 per-loss optimizer's variables are in `model.optimizer.variables`
 (`MultiWayOptimizer.variables`), hence in the carried state.
 
-`JaxStep` records the shared forward pass node by node: each node's inputs
-(the features of the forward pass), its non-trainable state before the call
-(BatchNorm statistics, dropout seeds) and its outputs. There is no tape: the
-gradient of a linear combination of the head losses is a reverse pass over
-the recorded nodes, each node's vector-Jacobian product taken by `jax.vjp`
-of the node's stateless call at its stored inputs and at the parameters'
-*current* values, i.e. after the updates of the earlier losses of the step
-(paper Eq. 10). Nothing uses the forward pass's residuals: a node whose
-parameters have not moved is linearized at the same point as in the forward
-pass, one whose parameters have moved at the new one. XLA drops the re-call's
-unused forward work (a convolution's output, for one) and merges what equals
-the forward pass's.
+`JaxStep` is the forward record and reverse pass of
+`reverse_pass.ReversePassStep` (shared with torch), each node's
+vector-Jacobian product taken by `jax.vjp` of the node's stateless call at
+its stored inputs and at the parameters' *current* values, i.e. after the
+updates of the earlier losses of the step (paper Eq. 10). Nothing uses the
+forward pass's residuals: a node whose parameters have not moved is
+linearized at the same point as in the forward pass, one whose parameters
+have moved at the new one. XLA drops the re-call's unused forward work (a
+convolution's output, for one) and merges what equals the forward pass's.
 """
 
 import contextlib
@@ -33,77 +30,23 @@ import numpy as np
 
 from keras_mwbp import _compat
 from keras_mwbp import resume
-from keras_mwbp._compat import operation_fn
+from keras_mwbp.backend import reverse_pass
 
 # Key of the nan_policy="raise" report in the step's logs (removed by the
 # wrapped train function before Keras sees the logs).
 FAILURE_KEY = "_keras_mwbp_nonfinite"
 
 
-class JaxStep:
-    """One training step's forward record and vector-Jacobian products.
+def _is_float(value):
+    return jnp.issubdtype(jnp.result_type(value), jnp.inexact)
 
-    Args:
-        graph: The model's `HeadGraph`.
-        initial_state: Optional state before the step, `{id(variable):
-            (variable, value)}` (a new forward pass of the same step).
-    """
 
-    def __init__(self, graph, initial_state=None):
-        self.graph = graph
-        self.edges = {}
-        self.states = {}
-        self.initial_state = dict(initial_state or {})
-        self.new_state = dict(self.initial_state)
-        self.loss_inputs = []
-        self.loss_fns = {}
+class JaxStep(reverse_pass.ReversePassStep):
+    """`reverse_pass.ReversePassStep` with every VJP by `jax.vjp`."""
 
-    def fresh(self):
-        """A new step for another forward pass from this step's initial
-        state (same dropout masks), for naive MW-BP; its state is not
-        committed."""
-        return JaxStep(self.graph, self.initial_state)
-
-    def recording(self, persistent):
-        """Nothing to record on: JAX differentiates functions, not tapes."""
-        del persistent
-        return contextlib.nullcontext()
-
-    # -------------------------------------------------------------- forward
-    def forward(self, model, x, training=True, nodes=None):
-        """Runs the nodes (all, or the indices in `nodes`) and records each
-        one's inputs and state; returns the model outputs (None where not
-        computed)."""
-        tensors = {
-            id(ref): value
-            for ref, value in zip(model.inputs, model._standardize_inputs(x))
-        }
-        for index, node in enumerate(self.graph.nodes):
-            if nodes is not None and index not in nodes:
-                continue
-            edges = {id(t): tensors[id(t)] for t in node.input_tensors}
-            self.edges[index] = edges
-            self.states[index] = [
-                (v, self._state_value(v))
-                for v in getattr(node.operation, "non_trainable_variables", [])
-            ]
-            params = [v.value for v in self.graph.node_variables(index)]
-            outputs, scope = self._call(index, edges, params, training)
-            for variable, _ in self.states[index]:
-                new_value = scope.get_current_value(variable)
-                if new_value is not None:
-                    self.new_state[id(variable)] = (variable, new_value)
-            for ref, value in zip(node.outputs, outputs):
-                tensors[id(ref)] = value
-        self.loss_inputs = [tensors.get(id(o)) for o in model.outputs]
-        return self.loss_inputs
-
-    def _state_value(self, variable):
-        if id(variable) not in self.new_state:
-            value = (variable, variable.value)
-            self.initial_state[id(variable)] = value
-            self.new_state[id(variable)] = value
-        return self.new_state[id(variable)][1]
+    def _forward_node(self, index, edges, training):
+        params = [v.value for v in self.graph.node_variables(index)]
+        return self._call(index, edges, params, training)
 
     def _call(self, index, values, params, training):
         """Node `index` on input `values` (by tensor id), its trainable
@@ -119,86 +62,19 @@ class JaxStep:
             (v, given[id(v)] if id(v) in given else v.value)
             for v in getattr(node.operation, "variables", [])
         ]
-        args, kwargs = node.arguments.fill_in(values)
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = operation_fn(node.operation, training=training)(
-                *args, **kwargs
-            )
-        return keras.tree.flatten(outputs), scope
-
-    def commit_state(self, after=()):
-        """Writes the forward pass's new non-trainable state, once."""
-        del after
-        for variable, value in self.new_state.values():
-            variable.assign(value)
-
-    # --------------------------------------------------------------- losses
-    def losses(self, loss_fns, y, y_pred, sample_weight):
-        """Each head's loss; records the functions for their VJPs."""
-        return [
-            self.loss(i, loss_fn, y, out, sample_weight)
-            for i, (loss_fn, out) in enumerate(zip(loss_fns, y_pred))
-        ]
-
-    def loss(self, index, loss_fn, y, output, sample_weight):
-        """Head `index`'s loss of `output`; records it for its VJP."""
-
-        def head_loss(logits):
-            return loss_fn(y, logits, sample_weight=sample_weight)
-
-        self.loss_fns[index] = head_loss
-        return head_loss(output)
+        return self._call_node(index, values, mapping, training)
 
     # ------------------------------------------------------------ gradients
-    def gradients(self, objective, variables):
-        """Gradients of an `algorithm.Objective` for `variables`, by VJPs of
-        every node at its stored inputs and current parameters."""
-        return self._backward(objective.coefficients, variables)
-
-    def multiway_gradients(self, index, objective, updated_ids):
-        """Gradients of loss `index`'s objective at the current parameters
-        (those updated by earlier losses of the step included), for
-        `graph.loss_variables[index]`."""
-        del updated_ids  # Every node is linearized at its current values.
-        return self._backward(
-            objective.coefficients, self.graph.loss_variables[index]
+    def _loss_vjp(self, head, coefficient):
+        value, vjp_fn = jax.vjp(self.loss_fns[head], self.loss_inputs[head])
+        seed = jnp.broadcast_to(
+            jnp.asarray(coefficient, value.dtype), value.shape
         )
+        (grad,) = vjp_fn(seed)
+        return grad
 
-    def _backward(self, coefficients, variables):
-        graph = self.graph
-        cotangents, var_grads, nodes = {}, {}, set()
-        for head, coefficient in coefficients:
-            value, vjp_fn = jax.vjp(self.loss_fns[head], self.loss_inputs[head])
-            seed = jnp.broadcast_to(
-                jnp.asarray(coefficient, value.dtype), value.shape
-            )
-            (grad,) = vjp_fn(seed)
-            _accumulate(cotangents, graph.output_ids[head], grad)
-            nodes |= graph.ancestors[head]
-        for index in sorted(nodes, reverse=True):
-            self._node_vjp(index, cotangents, var_grads)
-        return [
-            var_grads[id(v)] if id(v) in var_grads
-            else jnp.zeros(v.shape, v.dtype)
-            for v in variables
-        ]
-
-    def _node_vjp(self, index, cotangents, var_grads):
-        """Node `index`'s VJP at its stored inputs and the current values of
-        its parameters; adds to `cotangents` (by input tensor) and
-        `var_grads` (by variable)."""
-        node = self.graph.nodes[index]
-        output_cts = [cotangents.get(id(o)) for o in node.outputs]
-        if all(ct is None for ct in output_cts):
-            return
+    def _recall_vjp(self, index, input_ids, variables, output_cts):
         edges = self.edges[index]
-        # Inputs made by another node, of a float dtype (the model's inputs
-        # and integer tensors need no cotangent).
-        input_ids = [
-            ref_id for ref_id, value in edges.items()
-            if ref_id in self.graph.producer and _is_float(value)
-        ]
-        variables = self.graph.node_variables(index)
 
         def call(inputs, params):
             values = dict(edges)
@@ -208,13 +84,14 @@ class JaxStep:
         outputs, vjp_fn = jax.vjp(
             call, [edges[i] for i in input_ids], [v.value for v in variables]
         )
-        input_grads, param_grads = vjp_fn(
+        return vjp_fn(
             [_cotangent(out, ct) for out, ct in zip(outputs, output_cts)]
         )
-        for ref_id, grad in zip(input_ids, input_grads):
-            _accumulate(cotangents, ref_id, grad)
-        for variable, grad in zip(variables, param_grads):
-            _accumulate(var_grads, id(variable), grad)
+
+    def _zeros(self, variable):
+        return jnp.zeros(variable.shape, variable.dtype)
+
+    _is_float = staticmethod(_is_float)
 
 
 Step = JaxStep
@@ -395,10 +272,6 @@ def regularization_gradients(variables):
     return [by_id.get(id(v)) for v in variables]
 
 
-def _is_float(value):
-    return jnp.issubdtype(jnp.result_type(value), jnp.inexact)
-
-
 def _cotangent(output, cotangent):
     """The cotangent fed to a node's VJP for one of its outputs."""
     if not _is_float(output):
@@ -407,8 +280,3 @@ def _cotangent(output, cotangent):
         return jnp.zeros_like(output)
     return jnp.asarray(cotangent, jnp.result_type(output))
 
-
-def _accumulate(store, key, value):
-    if value is None:
-        return
-    store[key] = value if key not in store else store[key] + value

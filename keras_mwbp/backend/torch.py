@@ -6,14 +6,12 @@ variables themselves. `train_step` below runs `keras_mwbp.algorithm` under
 optimizer updates write the variables in place, as Keras's own torch
 trainer does.
 
-`TorchStep` records the shared forward pass node by node, as `JaxStep`
-does: each node's inputs (the features of the forward pass), its
-non-trainable state before the call (BatchNorm statistics, dropout seeds,
-cloned: torch assigns variables in place) and its outputs. The gradient of
-a linear combination of the head losses is a reverse pass over the recorded
-nodes, each node's vector-Jacobian product taken at its stored inputs and
-its parameters' *current* values (after the updates of the earlier losses
-of the step: paper Eq. 10), in one of two ways:
+`TorchStep` is the forward record and reverse pass of
+`reverse_pass.ReversePassStep` (shared with JAX); its non-trainable state
+before each call (BatchNorm statistics, dropout seeds) is cloned, as torch
+assigns variables in place. Each node's vector-Jacobian product is taken
+at its stored inputs and its parameters' *current* values (after the
+updates of the earlier losses of the step: paper Eq. 10), in one of two ways:
 
 - by the node's hand-written rule (`torch_vjp`: convolutions, Dense,
   BatchNormalization, ReLU, Add, ...), which needs no forward output;
@@ -35,8 +33,8 @@ import keras
 import torch
 
 from keras_mwbp import resume
+from keras_mwbp.backend import reverse_pass
 from keras_mwbp.backend import torch_vjp
-from keras_mwbp._compat import operation_fn
 
 
 class NonFiniteStep(Exception):
@@ -49,41 +47,44 @@ class NonFiniteStep(Exception):
         self.head = head
 
 
-class TorchStep:
-    """One training step's forward record and vector-Jacobian products.
+def _is_float(value):
+    return isinstance(value, torch.Tensor) and (
+        value.is_floating_point() or value.is_complex()
+    )
+
+
+class TorchStep(reverse_pass.ReversePassStep):
+    """`reverse_pass.ReversePassStep` with each node's VJP by its
+    hand-written rule or by autograd of a re-call.
 
     Args:
         graph: The model's `HeadGraph`.
         initial_state: Optional state before the step, `{id(variable):
             (variable, value)}` (a new forward pass of the same step).
+        rng_states: Optional torch random state before each node's call, by
+            node index (a new forward pass of the same step replays them).
     """
 
     def __init__(self, graph, initial_state=None, rng_states=None):
-        self.graph = graph
+        super().__init__(graph, initial_state)
         # Torch's global random state before each node's call in the shared
         # forward pass: Keras's torch Dropout without a seed draws its mask
         # from it, so a re-call (a VJP, naive MW-BP's new forward pass)
         # replays it to get the same mask.
         self.replay = rng_states is not None
         self.rng_states = dict(rng_states or {})
-        self.edges = {}
-        self.states = {}
-        self.initial_state = dict(initial_state or {})
-        self.new_state = dict(self.initial_state)
-        self.loss_inputs = []
-        self.loss_fns = {}
         # The shared forward pass's autograd graph (see `_graph_gradients`):
-        # the heads' outputs in it, each variable's parameter leaves, and
-        # each variable's tensor and version when the graph was recorded.
+        # whether the pass records it, the heads' outputs in it, each
+        # variable's parameter leaves, and each variable's tensor and
+        # version when the graph was recorded.
+        self._record = False
         self._graph_outputs = None
         self._leaves = {}
         self._versions = {}
         self._rules = {}
 
     def fresh(self):
-        """A new step for another forward pass from this step's initial
-        state (same dropout masks), for naive MW-BP; its state is not
-        committed."""
+        """`ReversePassStep.fresh`, replaying this step's random states."""
         return TorchStep(self.graph, self.initial_state, self.rng_states)
 
     def recording(self, persistent):
@@ -93,71 +94,41 @@ class TorchStep:
 
     # -------------------------------------------------------------- forward
     def forward(self, model, x, training=True, nodes=None):
-        """Runs the nodes (all, or the indices in `nodes`) and records each
-        one's inputs and state; returns the model outputs (None where not
-        computed)."""
-        tensors = {
-            id(ref): value
-            for ref, value in zip(model.inputs, model._standardize_inputs(x))
-        }
-        # A whole training-mode pass also records its autograd graph, which
-        # gives the gradients for as long as no parameter has changed,
-        # unless every node has a hand-written VJP (`torch_vjp`): those are
-        # as fast as the graph's backward, and the pass is faster and keeps
-        # less memory without it.
-        record = nodes is None and training and any(
+        """`ReversePassStep.forward`. A whole training-mode pass also
+        records its autograd graph, which gives the gradients for as long as
+        no parameter has changed, unless every node has a hand-written VJP
+        (`torch_vjp`): those are as fast as the graph's backward, and the
+        pass is faster and keeps less memory without it."""
+        self._record = record = nodes is None and training and any(
             self._rule(index) is None for index in range(len(self.graph.nodes))
         )
         self._graph_outputs, self._leaves, self._versions = None, {}, {}
         with torch.enable_grad() if record else torch.no_grad():
-            for index, node in enumerate(self.graph.nodes):
-                if nodes is not None and index not in nodes:
-                    continue
-                edges = {id(t): tensors[id(t)] for t in node.input_tensors}
-                self.edges[index] = {
-                    ref_id: _detached(value) for ref_id, value in edges.items()
-                }
-                self.states[index] = [
-                    (v, self._state_value(v))
-                    for v in getattr(
-                        node.operation, "non_trainable_variables", []
-                    )
-                ]
-                variables = self.graph.node_variables(index)
-                params = [_leaf(v.value, record) for v in variables]
-                if record:
-                    for variable, leaf in zip(variables, params):
-                        self._leaves.setdefault(id(variable), []).append(leaf)
-                        self._versions[id(variable)] = (
-                            variable, variable.value, variable.value._version
-                        )
-                if self.replay:
-                    outputs, scope = self._call(
-                        index, edges, params, training, replay=True
-                    )
-                else:
-                    self.rng_states[index] = _rng_state()
-                    outputs, scope = self._call(
-                        index, edges, params, training
-                    )
-                for variable, _ in self.states[index]:
-                    new_value = scope.get_current_value(variable)
-                    if new_value is not None:
-                        self.new_state[id(variable)] = (variable, new_value)
-                for ref, value in zip(node.outputs, outputs):
-                    tensors[id(ref)] = value
-        outputs = [tensors.get(id(o)) for o in model.outputs]
+            outputs = self._forward(model, x, training, nodes)
         if record:
             self._graph_outputs = outputs
         self.loss_inputs = [_detached(o) for o in outputs]
         return self.loss_inputs
 
-    def _state_value(self, variable):
-        if id(variable) not in self.new_state:
-            value = (variable, _copy(variable.value))
-            self.initial_state[id(variable)] = value
-            self.new_state[id(variable)] = value
-        return self.new_state[id(variable)][1]
+    def _kept_inputs(self, edges):
+        return {ref_id: _detached(value) for ref_id, value in edges.items()}
+
+    def _kept_state(self, value):
+        return _copy(value)
+
+    def _forward_node(self, index, edges, training):
+        variables = self.graph.node_variables(index)
+        params = [_leaf(v.value, self._record) for v in variables]
+        if self._record:
+            for variable, leaf in zip(variables, params):
+                self._leaves.setdefault(id(variable), []).append(leaf)
+                self._versions[id(variable)] = (
+                    variable, variable.value, variable.value._version
+                )
+        if self.replay:
+            return self._call(index, edges, params, training, replay=True)
+        self.rng_states[index] = _rng_state()
+        return self._call(index, edges, params, training)
 
     def _call(self, index, values, params, training, replay=False):
         """Node `index` on input `values` (by tensor id), its trainable
@@ -167,55 +138,17 @@ class TorchStep:
         if replay:
             with _replayed_rng(self.rng_states[index]):
                 return self._call(index, values, params, training)
-        node = self.graph.nodes[index]
         mapping = list(zip(self.graph.node_variables(index), params))
         mapping += list(self.states[index])
-        args, kwargs = node.arguments.fill_in(values)
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = operation_fn(node.operation, training=training)(
-                *args, **kwargs
-            )
-        return keras.tree.flatten(outputs), scope
-
-    def commit_state(self, after=()):
-        """Writes the forward pass's new non-trainable state, once."""
-        del after
-        for variable, value in self.new_state.values():
-            variable.assign(value)
+        return self._call_node(index, values, mapping, training)
 
     # --------------------------------------------------------------- losses
-    def losses(self, loss_fns, y, y_pred, sample_weight):
-        """Each head's loss; records the functions for their VJPs."""
-        return [
-            self.loss(i, loss_fn, y, out, sample_weight)
-            for i, (loss_fn, out) in enumerate(zip(loss_fns, y_pred))
-        ]
-
     def loss(self, index, loss_fn, y, output, sample_weight):
-        """Head `index`'s loss of `output`; records it for its VJP."""
-
-        def head_loss(logits):
-            return loss_fn(y, logits, sample_weight=sample_weight)
-
-        self.loss_fns[index] = head_loss
+        """`ReversePassStep.loss`, without an autograd graph."""
         with torch.no_grad():
-            return head_loss(output)
+            return super().loss(index, loss_fn, y, output, sample_weight)
 
     # ------------------------------------------------------------ gradients
-    def gradients(self, objective, variables):
-        """Gradients of an `algorithm.Objective` for `variables`, by VJPs of
-        every node at its stored inputs and current parameters."""
-        return self._backward(objective.coefficients, variables)
-
-    def multiway_gradients(self, index, objective, updated_ids):
-        """Gradients of loss `index`'s objective at the current parameters
-        (those updated by earlier losses of the step included), for
-        `graph.loss_variables[index]`."""
-        del updated_ids  # Every node is linearized at its current values.
-        return self._backward(
-            objective.coefficients, self.graph.loss_variables[index]
-        )
-
     def _graph_gradients(self, coefficients, variables):
         """The gradients by the shared forward pass's own autograd graph, or
         None once it is stale: when a parameter it was recorded at has been
@@ -247,8 +180,7 @@ class TorchStep:
             # A variable used by several nodes has a leaf in each.
             parts = [g for g in (next(grads) for _ in group) if g is not None]
             result.append(
-                sum(parts[1:], parts[0]) if parts
-                else torch.zeros_like(variable.value).detach()
+                sum(parts[1:], parts[0]) if parts else self._zeros(variable)
             )
         return result
 
@@ -256,47 +188,23 @@ class TorchStep:
         grads = self._graph_gradients(coefficients, variables)
         if grads is not None:
             return grads
-        graph = self.graph
-        cotangents, var_grads, nodes = {}, {}, set()
-        for head, coefficient in coefficients:
-            logits = _leaf(self.loss_inputs[head], True)
-            with torch.enable_grad():
-                value = self.loss_fns[head](logits)
-                seed = torch.ones_like(value) * _as_tensor(
-                    coefficient, value.dtype
-                )
-                (grad,) = torch.autograd.grad(value, [logits], seed)
-            _accumulate(cotangents, graph.output_ids[head], grad)
-            nodes |= graph.ancestors[head]
-        for index in sorted(nodes, reverse=True):
-            self._node_vjp(index, cotangents, var_grads)
-        return [
-            var_grads[id(v)] if id(v) in var_grads
-            else torch.zeros_like(v.value).detach()
-            for v in variables
-        ]
+        return super()._backward(coefficients, variables)
 
-    def _node_vjp(self, index, cotangents, var_grads):
-        """Node `index`'s VJP at its stored inputs and the current values of
-        its parameters; adds to `cotangents` (by input tensor) and
-        `var_grads` (by variable)."""
-        node = self.graph.nodes[index]
-        # Each output's cotangent is complete (its consumers come later in
-        # run order) and needed no more: dropped, as autograd frees a
-        # gradient once used, so a step holds one layer's, not every one's.
-        output_cts = [cotangents.pop(id(o), None) for o in node.outputs]
-        if all(ct is None for ct in output_cts):
-            return
-        if self._rule_vjp(index, output_cts, var_grads, cotangents):
-            return
+    def _loss_vjp(self, head, coefficient):
+        logits = _leaf(self.loss_inputs[head], True)
+        with torch.enable_grad():
+            value = self.loss_fns[head](logits)
+            seed = torch.ones_like(value) * _as_tensor(
+                coefficient, value.dtype
+            )
+            (grad,) = torch.autograd.grad(value, [logits], seed)
+        return grad
+
+    def _recall_vjp(self, index, input_ids, variables, output_cts):
+        """The VJP of the node called again, under `torch.enable_grad()`, on
+        detached leaves of its stored inputs and of its parameters' current
+        values, replaying its random state."""
         edges = self.edges[index]
-        # Inputs made by another node, of a float dtype (the model's inputs
-        # and integer tensors need no cotangent).
-        input_ids = [
-            ref_id for ref_id, value in edges.items()
-            if ref_id in self.graph.producer and _is_float(value)
-        ]
-        variables = self.graph.node_variables(index)
         values = dict(edges)
         inputs = [_leaf(edges[i], True) for i in input_ids]
         values.update(zip(input_ids, inputs))
@@ -311,17 +219,14 @@ class TorchStep:
                 if ct is not None and _is_float(out) and out.requires_grad
             ]
             if not pairs:
-                return
+                return None
             grads = torch.autograd.grad(
                 [out for out, _ in pairs],
                 inputs + params,
                 grad_outputs=[ct for _, ct in pairs],
                 allow_unused=True,
             )
-        for ref_id, grad in zip(input_ids, grads):
-            _accumulate(cotangents, ref_id, grad)
-        for variable, grad in zip(variables, grads[len(inputs):]):
-            _accumulate(var_grads, id(variable), grad)
+        return grads[:len(inputs)], grads[len(inputs):]
 
     def _rule(self, index):
         """Node `index`'s hand-written VJP in training mode, or None; made
@@ -331,7 +236,7 @@ class TorchStep:
                 self.graph.nodes[index], training=True)
         return self._rules[index]
 
-    def _rule_vjp(self, index, output_cts, var_grads, cotangents):
+    def _rule_vjp(self, index, output_cts, cotangents, var_grads):
         """Node `index`'s VJP by its hand-written rule (`torch_vjp`), which
         needs no forward output; False where it has none."""
         rule = self._rule(index)
@@ -351,10 +256,15 @@ class TorchStep:
         input_grads, param_grads = result
         for t, grad, need in zip(node.input_tensors, input_grads, needs):
             if need:
-                _accumulate(cotangents, id(t), grad)
+                reverse_pass.accumulate(cotangents, id(t), grad)
         for key, grad in param_grads.items():
-            _accumulate(var_grads, key, grad)
+            reverse_pass.accumulate(var_grads, key, grad)
         return True
+
+    def _zeros(self, variable):
+        return torch.zeros_like(variable.value).detach()
+
+    _is_float = staticmethod(_is_float)
 
 
 Step = TorchStep
@@ -558,14 +468,3 @@ def _as_tensor(value, dtype):
         return value.detach().to(dtype)
     return torch.tensor(value, dtype=dtype)
 
-
-def _is_float(value):
-    return isinstance(value, torch.Tensor) and (
-        value.is_floating_point() or value.is_complex()
-    )
-
-
-def _accumulate(store, key, value):
-    if value is None:
-        return
-    store[key] = value if key not in store else store[key] + value
