@@ -40,6 +40,21 @@ def share_learning_rate(optimizer, learning_rate):
         optimizer._untrack_variable(own)
 
 
+def config_without_learning_rate(optimizer):
+    """`optimizer.get_config()` with its learning rate left out (a
+    placeholder number stands in). A schedule or callable rate is not
+    serialized, so one whose class is not registered for serialization,
+    or has no `get_config()`, does not fail here (Keras serializes it only
+    when the model is saved). Swaps the private `_learning_rate` for the
+    call (Keras 3.12.0 to 3.15.1: `get_config()` reads it)."""
+    own = optimizer._learning_rate
+    object.__setattr__(optimizer, "_learning_rate", 0.0)
+    try:
+        return optimizer.get_config()
+    finally:
+        object.__setattr__(optimizer, "_learning_rate", own)
+
+
 def jax_state_sync(model, state):
     """Writes Keras's JAX trainer state `(trainable, non_trainable,
     optimizer, metrics)` values to the model's variables (private

@@ -100,24 +100,19 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
         if isinstance(rate, keras.Variable):
             rate = float(keras.ops.convert_to_numpy(rate))
         # The container owns the one learning rate (a variable, or the
-        # template's schedule) that every inner optimizer reads.
+        # template's schedule object itself) that every inner optimizer
+        # reads.
         super().__init__(learning_rate=rate, name=name, **kwargs)
         # (Items, not a dict: Keras's tracking would wrap a dict.)
         self._loss_scale = (
             None if loss_scale is None else tuple(loss_scale.items())
         )
-        config = template.get_config()
-        self.template = template.__class__.from_config(config)
+        self.template = _copy(template, rate, template.name)
         inner = [
-            template.__class__.from_config(
-                dict(config, name=f"{config['name']}_loss_{i}")
-            )
+            _copy(template, _compat.learning_rate_object(self),
+                  f"{template.name}_loss_{i}")
             for i in range(num_losses)
         ]
-        for optimizer in inner:
-            _compat.share_learning_rate(
-                optimizer, _compat.learning_rate_object(self)
-            )
         if self.loss_scale is not None:
             inner = [
                 keras.optimizers.LossScaleOptimizer(
@@ -312,6 +307,40 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
             config["optimizer"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _copy(template, learning_rate, name):
+    """A fresh optimizer of the template's class and hyperparameters (no
+    state), named `name`, reading `learning_rate` (a number, or a variable,
+    schedule or callable shared as the object itself).
+
+    The copy is built by the template's own class from its config
+    (`type(template).from_config`, as Keras rebuilds any object), with the
+    learning rate left out of the config: a schedule is shared, never
+    serialized, so a `LearningRateSchedule` subclass that is not registered
+    (or has no `get_config()`) trains as with a plain `keras.Model`; saving
+    the model then gives Keras's own error, as it does for a plain model. A
+    subclassed optimizer needs only what Keras's own `from_config` needs: a
+    `get_config()` that returns its constructor's arguments.
+    """
+    config = dict(_compat.config_without_learning_rate(template), name=name)
+    try:
+        optimizer = template.__class__.from_config(config)
+    except Exception as error:
+        raise TypeError(
+            "`optimizer` must be rebuildable from its config: every loss "
+            "gets its own copy, made by "
+            f"`{type(template).__name__}.from_config(optimizer.get_config())`"
+            ", which failed with "
+            f"{type(error).__name__}: {error}. Make `get_config()` return "
+            "every argument of the optimizer's `__init__`. Received: "
+            f"optimizer={template!r}"
+        ) from error
+    if isinstance(learning_rate, (int, float)):
+        optimizer.learning_rate = learning_rate
+    else:
+        _compat.share_learning_rate(optimizer, learning_rate)
+    return optimizer
 
 
 def _check_loss_scale(loss_scale):

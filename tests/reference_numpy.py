@@ -861,7 +861,9 @@ def train_steps(
             ``"naive_reverse_mwbp"``) or the wrong variant
             ``"persistent_tape"``.
         gammas: Loss weight of every head, shallowest first.
-        learning_rate: SGD learning rate.
+        learning_rate: SGD learning rate: a number, or a function of the
+            step index (0, 1, ...), as a Keras learning-rate schedule of
+            the optimizer's step count.
         momentum: SGD momentum.
         nesterov: Whether SGD uses Nesterov momentum.
         relay_span: Relay BP's ``c`` (``"relay"`` only), an int >= 0.
@@ -885,11 +887,15 @@ def train_steps(
     bn_state = copy.deepcopy(bn_state)
     num_optimizers = len(network.head_names) if one_optimizer_per_loss else 1
     optimizers = [
-        SGDMomentum(learning_rate, momentum, nesterov)
-        for _ in range(num_optimizers)
+        SGDMomentum(None, momentum, nesterov) for _ in range(num_optimizers)
     ]
     dependencies = None
-    for x, labels in batches:
+    for step_index, (x, labels) in enumerate(batches):
+        for optimizer in optimizers:
+            optimizer.learning_rate = (
+                learning_rate(step_index) if callable(learning_rate)
+                else learning_rate
+            )
         if dependencies is None:  # They do not change between steps.
             dependencies = loss_dependencies(network, params, x, labels)
             scales = loss_scales(dependencies, gammas, weighting)
