@@ -7,14 +7,18 @@
 #      (JAX_FILES; TensorFlow-only tests inside them skip themselves).
 #   3. PyTorch, the same Keras: the reference and behaviour tests
 #      (TORCH_FILES).
-#   4. TensorFlow, the oldest declared Keras (KERAS_OLDEST) in a virtual
-#      environment over the installed packages: the tests that touch Keras
-#      internals (OLDEST_FILES), and the torch step's tests under PyTorch.
+#   4. TensorFlow, the oldest declared Keras (KERAS_OLDEST), layered over
+#      the packages of the interpreter that runs the suite: Keras alone is
+#      installed (no dependencies) into a directory put first on PYTHONPATH,
+#      so the stage sees the same TensorFlow, JAX and torch as the others,
+#      in a virtual environment, a conda environment or the system Python
+#      alike. It runs the tests that touch Keras internals (OLDEST_FILES),
+#      and the torch step's tests under PyTorch.
 #
 # Set STAGES to a subset of "tensorflow jax torch oldest" to run fewer; extra
 # arguments go to every pytest run. Needs `pip install '.[test]'` first;
-# stage 3 installs Keras $KERAS_OLDEST (a package install, the only network
-# use) into $OLDEST_VENV.
+# stage 4 installs Keras $KERAS_OLDEST (a package install, the only network
+# use) into $OLDEST_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,7 @@ PYTHON=${PYTHON:-python}
 JOBS=${JOBS:-2}
 STAGES=${STAGES:-tensorflow jax torch oldest}
 KERAS_OLDEST=${KERAS_OLDEST:-3.12.0}
-OLDEST_VENV=${OLDEST_VENV:-${TMPDIR:-/tmp}/keras_mwbp-keras-$KERAS_OLDEST}
+OLDEST_DIR=${OLDEST_DIR:-${TMPDIR:-/tmp}/keras_mwbp-keras-$KERAS_OLDEST}
 
 JAX_FILES=(
   tests/test_jax_step.py tests/test_jax_distribute.py
@@ -39,7 +43,7 @@ JAX_FILES=(
   tests/test_backup_and_restore.py::test_rerun_after_the_last_backup_restores_state_and_history
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
-  tests/test_authors_loop.py
+  tests/test_authors_loop.py tests/test_custom_objects.py
 )
 TORCH_FILES=(
   tests/test_torch_step.py tests/test_torch_vjp.py
@@ -49,14 +53,14 @@ TORCH_FILES=(
   tests/test_nan_policy.py tests/test_backup_and_restore.py
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
-  tests/test_authors_loop.py
+  tests/test_authors_loop.py tests/test_custom_objects.py
 )
 OLDEST_FILES=(
   tests/test_keras_versions.py tests/test_zoo.py tests/test_reference.py
   tests/test_methods_reference.py tests/test_learning_rate.py
   tests/test_loss_scaling.py tests/test_progbar_logger.py
   tests/test_multi_way_optimizer.py tests/test_safe_loading.py
-  tests/test_multi_worker.py
+  tests/test_multi_worker.py tests/test_custom_objects.py
 )
 
 pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.
@@ -82,18 +86,17 @@ for stage in $STAGES; do
     KERAS_BACKEND=torch pytest_run "$PYTHON" "${TORCH_FILES[@]}" "$@"
     ;;
   oldest)
-    if [ ! -x "$OLDEST_VENV/bin/python" ]; then
-      "$PYTHON" -m venv --system-site-packages "$OLDEST_VENV"
+    export PYTHONPATH="$OLDEST_DIR${PYTHONPATH:+:$PYTHONPATH}"
+    if ! "$PYTHON" -c "import keras, sys; sys.exit(keras.__version__ != '$KERAS_OLDEST')" 2>/dev/null; then
+      "$PYTHON" -m pip install --quiet --no-deps --upgrade --target "$OLDEST_DIR" "keras==$KERAS_OLDEST"
     fi
-    "$OLDEST_VENV/bin/python" -m pip install --quiet "keras==$KERAS_OLDEST"
-    "$OLDEST_VENV/bin/python" -c "import keras; assert keras.__version__ == '$KERAS_OLDEST', keras.__version__"
-    KERAS_BACKEND=tensorflow pytest_run "$OLDEST_VENV/bin/python" \
-      "${OLDEST_FILES[@]}" "$@"
+    "$PYTHON" -c "import keras; assert keras.__version__ == '$KERAS_OLDEST', keras.__version__"
+    KERAS_BACKEND=tensorflow pytest_run "$PYTHON" "${OLDEST_FILES[@]}" "$@"
     # The torch step's use of Keras internals, the backend-neutral naming
     # of torch's optimizer subclasses (_compat), and the hand-written VJPs
     # against Keras's own layers, on the oldest Keras.
-    KERAS_BACKEND=torch pytest_run "$OLDEST_VENV/bin/python" \
-      tests/test_torch_step.py tests/test_torch_vjp.py "$@"
+    KERAS_BACKEND=torch pytest_run "$PYTHON" \
+      tests/test_torch_step.py tests/test_torch_vjp.py tests/test_custom_objects.py "$@"
     ;;
   *)
     echo "unknown stage $stage (use tensorflow, jax, torch, oldest)" >&2
