@@ -44,6 +44,7 @@ JAX_FILES=(
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
   tests/test_authors_loop.py tests/test_custom_objects.py
+  tests/test_fused_activation.py
 )
 TORCH_FILES=(
   tests/test_torch_step.py tests/test_torch_vjp.py
@@ -54,6 +55,7 @@ TORCH_FILES=(
   tests/test_skip_step_logs.py
   tests/test_label_values.py tests/test_loss_names.py
   tests/test_authors_loop.py tests/test_custom_objects.py
+  tests/test_fused_activation.py
 )
 OLDEST_FILES=(
   tests/test_keras_versions.py tests/test_zoo.py tests/test_reference.py
@@ -61,6 +63,7 @@ OLDEST_FILES=(
   tests/test_loss_scaling.py tests/test_progbar_logger.py
   tests/test_multi_way_optimizer.py tests/test_safe_loading.py
   tests/test_multi_worker.py tests/test_custom_objects.py
+  tests/test_fused_activation.py
 )
 
 pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.

@@ -88,6 +88,11 @@ class JaxStep(reverse_pass.ReversePassStep):
             [_cotangent(out, ct) for out, ct in zip(outputs, output_cts)]
         )
 
+    def _activation_vjp(self, activation, pre_activation, cotangent):
+        _, vjp_fn = jax.vjp(activation, pre_activation)
+        (grad,) = vjp_fn(cotangent)
+        return grad
+
     def _zeros(self, variable):
         return jnp.zeros(variable.shape, variable.dtype)
 

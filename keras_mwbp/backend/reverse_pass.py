@@ -10,6 +10,11 @@ its stored inputs and at its parameters' *current* values, i.e. after the
 updates of the earlier losses of the step (paper Eq. 10). A backend's
 subclass supplies the primitives: how a node is called and differentiated,
 how values are kept, zeros, and which values take a cotangent.
+
+A layer with a fused activation (`fused_activation`) is run in two parts:
+the record keeps its pre-activation, and its VJP takes the activation's
+derivative there (a feature of the shared forward pass, spec Eq. 4), then
+the linear layer's VJP at the current parameters.
 """
 
 import contextlib
@@ -17,6 +22,8 @@ import contextlib
 import keras
 
 from keras_mwbp._compat import operation_fn
+from keras_mwbp.backend.fused_activation import fused_activation
+from keras_mwbp.backend.fused_activation import pre_activation_calls
 
 
 class ReversePassStep:
@@ -32,6 +39,8 @@ class ReversePassStep:
         self.graph = graph
         self.edges = {}
         self.states = {}
+        # The pre-activation of each node with a fused activation.
+        self.pre_activations = {}
         self.initial_state = dict(initial_state or {})
         self.new_state = dict(self.initial_state)
         self.loss_inputs = []
@@ -73,6 +82,10 @@ class ReversePassStep:
                 for v in getattr(node.operation, "non_trainable_variables", [])
             ]
             outputs, scope = self._forward_node(index, edges, training)
+            activation = fused_activation(node.operation)
+            if activation is not None:
+                self.pre_activations[index] = self._kept(outputs[0])
+                outputs = [activation(outputs[0])]
             for variable, _ in self.states[index]:
                 new_value = scope.get_current_value(variable)
                 if new_value is not None:
@@ -90,7 +103,11 @@ class ReversePassStep:
 
     def _kept_inputs(self, edges):
         """The inputs of a node (by tensor id) as the record keeps them."""
-        return edges
+        return {ref_id: self._kept(value) for ref_id, value in edges.items()}
+
+    def _kept(self, value):
+        """A feature of the forward pass as the record keeps it."""
+        return value
 
     def _kept_state(self, value):
         """A variable's value as the record keeps it."""
@@ -103,11 +120,13 @@ class ReversePassStep:
 
     def _call_node(self, index, values, mapping, training):
         """Node `index` on input `values` (by tensor id) in a
-        `keras.StatelessScope` of `mapping`; returns the flat outputs and the
+        `keras.StatelessScope` of `mapping`; returns the flat outputs (a
+        layer's pre-activation where it has a fused activation) and the
         scope holding the state it wrote."""
         node = self.graph.nodes[index]
         args, kwargs = node.arguments.fill_in(values)
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        with keras.StatelessScope(state_mapping=mapping) as scope, \
+                pre_activation_calls(node.operation):
             outputs = operation_fn(node.operation, training=training)(
                 *args, **kwargs
             )
@@ -179,6 +198,11 @@ class ReversePassStep:
         output_cts = [cotangents.pop(id(o), None) for o in node.outputs]
         if all(ct is None for ct in output_cts):
             return
+        activation = fused_activation(node.operation)
+        if activation is not None:
+            output_cts = [self._activation_vjp(
+                activation, self.pre_activations[index], output_cts[0]
+            )]
         if self._rule_vjp(index, output_cts, cotangents, var_grads):
             return
         # Inputs made by another node, of a float dtype (the model's inputs
@@ -199,6 +223,11 @@ class ReversePassStep:
 
     def _loss_vjp(self, head, coefficient):
         """The cotangent of head `head`'s output from `coefficient * loss`."""
+        raise NotImplementedError
+
+    def _activation_vjp(self, activation, pre_activation, cotangent):
+        """The cotangent of a fused activation's input `pre_activation`
+        (stored) from its output's `cotangent`."""
         raise NotImplementedError
 
     def _rule_vjp(self, index, output_cts, cotangents, var_grads):

@@ -18,6 +18,11 @@ ones for those layers. The re-call's forward result is not used (only its
 gradient is), so TensorFlow prunes the forward work of convolutions and
 dense layers from the graph; float32 NHWC BatchNorm layers use TensorFlow's
 fused gradient kernel instead of a re-call.
+
+A layer with a fused activation (`fused_activation`) is run in two parts:
+the record keeps its pre-activation, and a re-linearization takes the
+activation's derivative there (a feature of the shared forward pass, spec
+Eq. 4), then re-calls the layer without its activation.
 """
 
 import re
@@ -26,6 +31,8 @@ import keras
 import tensorflow as tf
 from keras_mwbp import resume
 from keras_mwbp._compat import operation_fn
+from keras_mwbp.backend.fused_activation import fused_activation
+from keras_mwbp.backend.fused_activation import pre_activation_calls
 
 
 class TensorFlowStep:
@@ -41,6 +48,8 @@ class TensorFlowStep:
         self.edges = {}
         self.calls = {}
         self.states = {}
+        # The pre-activation of each node with a fused activation.
+        self.pre_activations = {}
         self.initial_state = dict(initial_state or {})
         self.new_state = dict(self.initial_state)
         self.loss_inputs = []
@@ -89,10 +98,14 @@ class TensorFlowStep:
             ]
             with keras.StatelessScope(
                 state_mapping=self.states[index]
-            ) as scope:
+            ) as scope, pre_activation_calls(node.operation):
                 outputs = operation_fn(node.operation, training=training)(
                     *args, **kwargs
                 )
+            activation = fused_activation(node.operation)
+            if activation is not None:
+                self.pre_activations[index] = outputs
+                outputs = activation(outputs)
             for variable, _ in self.states[index]:
                 new_value = scope.get_current_value(variable)
                 if new_value is not None:
@@ -198,6 +211,15 @@ class TensorFlowStep:
         output_cts = [cotangents.get(id(o)) for o in node.outputs]
         if all(ct is None for ct in output_cts):
             return
+        activation = fused_activation(node.operation)
+        if activation is not None:
+            pre_activation = self.pre_activations[index]
+            with tf.GradientTape() as tape:
+                tape.watch(pre_activation)
+                output = activation(pre_activation)
+            output_cts = [tape.gradient(
+                output, pre_activation, output_gradients=output_cts[0]
+            )]
         edges = self.edges[index]
         input_ids = list(edges)
         variables = self.graph.node_variables(index)
@@ -210,7 +232,9 @@ class TensorFlowStep:
             return
         with tf.GradientTape() as tape:
             tape.watch([edges[i] for i in input_ids])
-            with keras.StatelessScope(state_mapping=self.states[index]):
+            with keras.StatelessScope(
+                state_mapping=self.states[index]
+            ), pre_activation_calls(node.operation):
                 outputs = operation_fn(node.operation, training=True)(
                     *args, **kwargs
                 )

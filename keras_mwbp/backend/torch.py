@@ -110,8 +110,8 @@ class TorchStep(reverse_pass.ReversePassStep):
         self.loss_inputs = [_detached(o) for o in outputs]
         return self.loss_inputs
 
-    def _kept_inputs(self, edges):
-        return {ref_id: _detached(value) for ref_id, value in edges.items()}
+    def _kept(self, value):
+        return _detached(value)
 
     def _kept_state(self, value):
         return _copy(value)
@@ -227,6 +227,14 @@ class TorchStep(reverse_pass.ReversePassStep):
                 allow_unused=True,
             )
         return grads[:len(inputs)], grads[len(inputs):]
+
+    def _activation_vjp(self, activation, pre_activation, cotangent):
+        y = _leaf(pre_activation, True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(
+                activation(y), [y], cotangent.to(y.dtype)
+            )
+        return grad
 
     def _rule(self, index):
         """Node `index`'s hand-written VJP in training mode, or None; made
