@@ -10,7 +10,9 @@ One step on a batch, as the paper's Algorithm 1 and the spec describe it:
    - `standard`, `joint`: one gradient of the objective (the final loss, or
      `sum_i gamma_i loss_i`) at the forward pass's parameters, one update.
    - `relay`: as `joint`, loss i's gradient restricted to segments
-     `i - relay_span .. i` (`relay_gradients`).
+     `i - relay_span .. i` (`summed_gradients`). Under
+     `weighting="reference_code"`, `joint` too sums per-loss gradients, each
+     scaled per variable as the authors' code scales it.
    - `mwbp` / `reverse_mwbp` (`multiway_backward`): for each loss in order
      (`loss_order`), its gradient at the parameters the earlier losses of
      this step already updated, with the shared forward's features (the
@@ -94,9 +96,8 @@ class TrainingStep:
             taken = [backend.token([value for _, value in snapshot])]
         step = backend.Step(model._head_graph)
         # 1. The shared forward: every feature and every loss, once.
-        with step.recording(
-            persistent=model.method not in ("standard", "joint")
-        ):
+        per_loss = per_loss_gradients(model)
+        with step.recording(persistent=per_loss):
             y_pred = step.forward(model, x, training=True)
             head_losses = step.losses(
                 model._head_losses, y, y_pred, sample_weight
@@ -113,7 +114,7 @@ class TrainingStep:
             # optimizer divides the gradients by it (`apply`).
             self.scales = model.optimizer.loss_scales()
             grad_objective = objective
-            if model.method in MULTIWAY_METHODS:
+            if per_loss:
                 if model.weighting == "paper":
                     seeds = [Objective(w, ((i, g),)) for i, (w, g)
                              in enumerate(zip(weighted, gammas))]
@@ -121,12 +122,12 @@ class TrainingStep:
                     seeds = [Objective(loss, ((i, 1.0),))
                              for i, loss in enumerate(head_losses)]
                 if self.scales:
+                    # One scale per loss's optimizer, or the one optimizer's.
+                    scales = self.scales * (len(seeds) // len(self.scales))
                     seeds = [scaled(seed, scale)
-                             for seed, scale in zip(seeds, self.scales)]
+                             for seed, scale in zip(seeds, scales)]
             elif self.scales:
                 grad_objective = scaled(objective, self.scales[0])
-                weighted = [w * self.scales[0] for w in weighted]
-                gammas = [g * self.scales[0] for g in gammas]
         # BatchNorm statistics move once per step.
         step.commit_state(after=taken)
         total = objective.value + penalty  # Logged; before any update.
@@ -147,8 +148,8 @@ class TrainingStep:
             self.multiway_backward(step, seeds, gammas, data, after)
         else:
             variables = model._update_groups[0]
-            if model.method == "relay":
-                grads = self.relay_gradients(step, weighted, gammas)
+            if per_loss:
+                grads = self.summed_gradients(step, seeds, gammas)
             else:
                 grads = step.gradients(grad_objective, variables)
             self.apply(0, grads, variables, after=after, head=-1)
@@ -224,20 +225,27 @@ class TrainingStep:
             Objective(loss, ((index, coefficient),)), variables
         )
 
-    def relay_gradients(self, step, weighted, gammas):
-        """Relay BP: loss i's gradient reaches segments i - span .. i."""
+    def summed_gradients(self, step, seeds, gammas):
+        """Relay BP, and Joint BP under `weighting="reference_code"`: the
+        sum over the losses of the gradient of `seeds[i]` (loss i, weighted
+        as `multiway_backward` weights it), for relay restricted to
+        segments i - span .. i, all at the forward pass's parameters."""
         model = self.model
         graph = model._head_graph
         totals = {}
-        for i, loss in enumerate(weighted):
-            reach = {
-                id(v)
-                for s in range(max(0, i - model.relay_span), i + 1)
-                for v in graph.segments[s]
-            }
-            variables = [v for v in graph.loss_variables[i] if id(v) in reach]
-            grads = step.gradients(Objective(loss, ((i, gammas[i]),)),
-                                   variables)
+        for i, seed in enumerate(seeds):
+            variables = graph.loss_variables[i]
+            if model.method == "relay":
+                reach = {
+                    id(v)
+                    for s in range(max(0, i - model.relay_span), i + 1)
+                    for v in graph.segments[s]
+                }
+                variables = [v for v in variables if id(v) in reach]
+            grads = step.gradients(seed, variables)
+            if model.weighting == "reference_code":
+                factors = reference_code_scales(model, i, variables, gammas)
+                grads = [g * factor for g, factor in zip(grads, factors)]
             for v, g in zip(variables, grads):
                 totals[id(v)] = g + totals[id(v)] if id(v) in totals else g
         return [
@@ -288,6 +296,17 @@ class TrainingStep:
 
 
 # ------------------------------------------------------------------ pieces
+def per_loss_gradients(model):
+    """Whether the method takes a gradient per loss: the per-loss methods,
+    `relay`, and `joint` under `weighting="reference_code"` (whose factors
+    differ per loss and variable)."""
+    return (
+        model.method in MULTIWAY_METHODS
+        or model.method == "relay"
+        or (model.method == "joint" and model.weighting == "reference_code")
+    )
+
+
 def step_state(model):
     """Every variable a training step may change: the model's (weights,
     BatchNorm statistics, dropout seeds, nu, gammas), the optimizer's (all

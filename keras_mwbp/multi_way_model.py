@@ -116,9 +116,14 @@ class MultiWayModel(keras.Model):
         relay_span: Relay BP's `c`: how many segments below its own loss i's
             gradient reaches (non-negative int; default 1).
         weighting: `"paper"` (loss i's gradient times gamma_i) or
-            `"reference_code"` (the authors' code, for the per-loss methods:
-            an auxiliary head's own gradient unscaled, its trunk gradient
-            times gamma_i / sum_{j=i}^{K-1} gamma_j).
+            `"reference_code"` (the authors' code: an auxiliary head's own
+            variables, those the final loss does not depend on, get loss
+            i's gradient unscaled, the trunk's times
+            gamma_i / sum_{j=i}^{K-1} gamma_j; the final loss's gradient is
+            unscaled). Every method but `"standard"` takes it: the per-loss
+            methods scale each loss's update; `"joint"` and `"relay"` sum
+            the per-loss gradients so scaled into their one update (for
+            `"joint"` one backward pass per loss instead of one in all).
         nan_policy: What a training step does when a head's loss, an
             update's gradients or the new BatchNorm statistics are not
             finite. `"raise"` (default): every variable (weights, statistics,
@@ -812,10 +817,11 @@ def _check_weighting(weighting, method):
             f"`weighting` must be one of {WEIGHTINGS}. "
             f"Received: weighting={weighting!r}"
         )
-    if weighting == "reference_code" and method not in MULTIWAY_METHODS:
+    if weighting == "reference_code" and method == "standard":
         raise ValueError(
-            "`weighting='reference_code'` applies to the methods with one "
-            f"update per loss {MULTIWAY_METHODS}. Received: method={method!r}"
+            "`weighting='reference_code'` applies to the methods that train "
+            "on more than one loss (every method but 'standard', which "
+            f"trains on the final loss alone). Received: method={method!r}"
         )
 
 

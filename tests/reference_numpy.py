@@ -569,13 +569,6 @@ CONVNET = Network(
 # --------------------------------------------------------------------------
 
 
-def _scale(grads, factor):
-    return {
-        layer: {name: factor * grad for name, grad in layer_grads.items()}
-        for layer, layer_grads in grads.items()
-    }
-
-
 def _add(grads_a, grads_b):
     total = copy.deepcopy(grads_a)
     for layer, layer_grads in grads_b.items():
@@ -739,10 +732,13 @@ def _standard_update(step):
 
 
 def _joint_update(step):
-    """Gradient of ``sum_i gamma_i * xi_i``, one optimizer, one update."""
+    """Gradient of ``sum_i gamma_i * xi_i``, one optimizer, one update; under
+    ``"reference_code"`` each loss's gradient scaled per layer instead
+    (:attr:`Step.scales`)."""
     total = {}
-    for index, gamma in enumerate(step.gammas):
-        total = _add(total, _scale(step.shared_gradient(index), gamma))
+    for index in range(step.num_losses):
+        grads = step.shared_gradient(index)
+        total = _add(total, _scale_per_layer(grads, step.scales[index]))
     step.optimizers[0].apply(step.params, total)
 
 
@@ -750,10 +746,10 @@ def _relay_update(step):
     """Relay BP (Eq. 8): as joint, but loss ``i``'s gradient reaches only the
     segments ``max(0, i - c) .. i``; all gradients at the old parameters."""
     total = {}
-    for index, gamma in enumerate(step.gammas):
+    for index in range(step.num_losses):
         reach = relay_layers(step.dependencies, index, step.relay_span)
         grads = _restrict(step.shared_gradient(index), reach)
-        total = _add(total, _scale(grads, gamma))
+        total = _add(total, _scale_per_layer(grads, step.scales[index]))
     step.optimizers[0].apply(step.params, total)
 
 
@@ -825,8 +821,7 @@ _UPDATES = {
     "persistent_tape": (_persistent_tape_update, True),
 }
 """Method name -> (parameter update, whether each loss has its own
-optimizer). Only the methods with one optimizer per loss take a
-``weighting``."""
+optimizer). Every method but ``"standard"`` takes a ``weighting``."""
 
 METHODS = tuple(name for name in _UPDATES if name != "persistent_tape")
 
@@ -868,8 +863,7 @@ def train_steps(
         nesterov: Whether SGD uses Nesterov momentum.
         relay_span: Relay BP's ``c`` (``"relay"`` only), an int >= 0.
         weighting: ``"paper"`` or ``"reference_code"`` (see
-            :func:`loss_scales`); only for methods with one optimizer per
-            loss.
+            :func:`loss_scales`); every method but ``"standard"``.
 
     Returns:
         Tuple ``(params, bn_state, velocities)``: the trained parameters, the
@@ -877,8 +871,8 @@ def train_steps(
         velocity dict.
     """
     update, one_optimizer_per_loss = _UPDATES[method]
-    if weighting != "paper" and not one_optimizer_per_loss:
-        raise ValueError(f"weighting={weighting!r} needs a per-loss method")
+    if weighting != "paper" and method == "standard":
+        raise ValueError(f"weighting={weighting!r} needs several losses")
     if isinstance(relay_span, bool) or not isinstance(relay_span, int) or (
         relay_span < 0
     ):

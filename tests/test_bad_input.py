@@ -239,9 +239,9 @@ CASES = [
          ValueError, "`weighting`", "weighting='uniform'"),
     case("model/unknown nan_policy", lambda e: model(nan_policy="ignore"),
          ValueError, "`nan_policy`", "nan_policy='ignore'"),
-    case("model/reference_code weighting with joint",
-         lambda e: model(method="joint", weighting="reference_code"),
-         ValueError, "`weighting='reference_code'`", "method='joint'"),
+    case("model/reference_code weighting with standard",
+         lambda e: model(method="standard", weighting="reference_code"),
+         ValueError, "`weighting='reference_code'`", "method='standard'"),
     case("model/one output for mwbp",
          lambda e: keras_mwbp.MultiWayModel(
              graph()[0], graph()[1][-1:], method="mwbp"),

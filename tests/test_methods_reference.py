@@ -143,14 +143,41 @@ def test_reference_code_weighting_scales(network_name):
         assert paper[index] == {layer: GAMMAS[index] for layer in layers}
 
 
-def test_reference_rejects_weighting_of_single_optimizer_methods():
+def test_reference_rejects_weighting_of_standard_bp():
     params, bn_state = _initial("mlp")
-    for method in ("standard", "joint", "relay"):
-        with pytest.raises(ValueError, match="weighting"):
-            ref.train_steps(
-                ref.MLP, params, bn_state, random_batches("mlp", 0), method,
-                GAMMAS, LEARNING_RATE, 0.9, weighting="reference_code",
+    with pytest.raises(ValueError, match="weighting"):
+        ref.train_steps(
+            ref.MLP, params, bn_state, random_batches("mlp", 0), "standard",
+            GAMMAS, LEARNING_RATE, 0.9, weighting="reference_code",
+        )
+
+
+@pytest.mark.parametrize("network_name", NETWORK_NAMES)
+def test_reference_joint_with_reference_code_weighting_by_hand(network_name):
+    """One SGD step (no momentum) of Joint BP under the authors' weighting:
+    each head's own layers move by the head's plain gradient, the trunk by
+    sum_i (gamma_i / sum_{j=i}^{K-1} gamma_j) grad_i + grad_final."""
+    network = NETWORKS[network_name]
+    params, bn_state = _initial(network_name)
+    x, labels = random_batches(network_name, 0)[0]
+    logits, tape, _ = network.forward(params, x)
+    grads = [network.backward(params, tape, i,
+                              ref.cross_entropy_backward(z, labels))
+             for i, z in enumerate(logits)]
+    trunk = _dependencies(network_name)[-1]
+    factors = (GAMMAS[0] / (GAMMAS[0] + GAMMAS[1]), 1.0, 1.0)
+    trained, _, _ = ref.train_steps(
+        network, params, bn_state, [(x, labels)], "joint", GAMMAS,
+        LEARNING_RATE, 0.0, weighting="reference_code")
+    for layer, weights in params.items():
+        for weight, value in weights.items():
+            step = sum(
+                (factors[i] if layer in trunk else 1.0) * g[layer][weight]
+                for i, g in enumerate(grads) if layer in g
             )
+            np.testing.assert_allclose(
+                trained[layer][weight], value - LEARNING_RATE * step,
+                rtol=1e-12, atol=1e-14, err_msg=f"{layer}/{weight}")
 
 
 def _reference_params(network_name, method, **options):
@@ -225,7 +252,8 @@ def test_relay_span_matches_reference(float64_keras, network_name, relay_span):
 
 
 @pytest.mark.parametrize(
-    "method", ["mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp"]
+    "method", ["mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp",
+               "joint", "relay"]
 )
 @pytest.mark.parametrize("network_name", NETWORK_NAMES)
 def test_reference_code_weighting_matches_reference(
@@ -255,8 +283,13 @@ def test_keras_relay_covering_all_segments_is_joint(float64_keras, network_name)
         (("reverse_mwbp", {}), ("naive_reverse_mwbp", {})),
         (("relay", {"relay_span": 0}), ("joint", {})),
         (("mwbp", {}), ("mwbp", {"weighting": "reference_code"})),
+        (("joint", {}), ("joint", {"weighting": "reference_code"})),
+        (("relay", {}), ("relay", {"weighting": "reference_code"})),
+        (("joint", {"weighting": "reference_code"}),
+         ("mwbp", {"weighting": "reference_code"})),
     ],
-    ids=["order", "naive", "naive-reverse", "relay-span0", "weighting"],
+    ids=["order", "naive", "naive-reverse", "relay-span0", "weighting",
+         "joint-weighting", "relay-weighting", "joint-mwbp-weighting"],
 )
 @pytest.mark.parametrize("network_name", NETWORK_NAMES)
 def test_keras_shows_the_reference_differences(

@@ -937,13 +937,18 @@ def test_unknown_weighting_is_rejected():
         MultiWayModel(inputs, outputs, weighting="code")
 
 
-@pytest.mark.parametrize("method", ["standard", "joint", "relay"])
-def test_reference_code_weighting_needs_a_per_loss_method(method):
+def test_reference_code_weighting_needs_more_than_one_loss():
     inputs, outputs = mlp_graph()
     with pytest.raises(ValueError, match=re.escape(
-            "`weighting='reference_code'` applies to the methods with one "
-            "update per loss")):
-        MultiWayModel(inputs, outputs, method=method, weighting="reference_code")
+            "`weighting='reference_code'` applies to the methods that train "
+            "on more than one loss (every method but 'standard', which "
+            "trains on the final loss alone). Received: method='standard'")):
+        MultiWayModel(inputs, outputs, method="standard",
+                      weighting="reference_code")
+    for method in ("joint", "relay"):
+        model = MultiWayModel(inputs, outputs, method=method,
+                              weighting="reference_code")
+        assert model.weighting == "reference_code"
 
 
 @pytest.mark.parametrize(
