@@ -4,7 +4,10 @@ TensorFlow's graph optimizer may reorder a variable's reads and writes when
 no data path links them; the per-loss methods read variables that their own
 and later updates write. In float64, where round-off cannot grow into visible
 differences over three steps, a compiled step must match eager execution
-(program order) to round-off on a CIFAR ResNet-20 with three heads.
+(program order) to round-off on a CIFAR ResNet-8 with three heads (one
+per residual block). With the per-update wait on the loss's gradients
+removed (`algorithm.TrainingStep.apply`), 2 of its 5 methods fail here;
+ResNet-20, which this test used before at 2.5x the time, failed 1 of 5.
 """
 
 import keras
@@ -33,7 +36,7 @@ def float64_keras():
     "method",
     ["mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp", "relay"],
 )
-def test_compiled_steps_equal_eager_steps_on_resnet20(float64_keras, method):
+def test_compiled_steps_equal_eager_steps_on_a_resnet(float64_keras, method):
     rng = np.random.default_rng(0)
     batches = [
         (rng.normal(size=(16, 16, 16, 3)), rng.integers(0, 10, 16))
@@ -44,7 +47,7 @@ def test_compiled_steps_equal_eager_steps_on_resnet20(float64_keras, method):
     weights = []
     for run_eagerly in (False, True):
         model = cifar_resnet(
-            20, num_losses=3, input_shape=(16, 16, 3), method=method
+            8, num_losses=3, input_shape=(16, 16, 3), method=method
         )
         if initial is None:
             initial = model.get_weights()
