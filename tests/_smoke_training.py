@@ -17,9 +17,9 @@ LEARNING_RATE = 1e-3
 
 
 def fit_fixed_batch(model, x, y, steps=STEPS, learning_rate=LEARNING_RATE,
-                    metrics=None):
-    """Compiles `model` (Adam, sparse cross-entropy on logits) and fits
-    `steps` epochs of the single batch `(x, y)`.
+                    metrics=None, run_eagerly=False):
+    """Compiles `model` (Adam, sparse cross-entropy on logits; eager with
+    `run_eagerly`) and fits `steps` epochs of the single batch `(x, y)`.
 
     Returns:
         `(history, moved)`: the History dict (one entry per step, each the
@@ -30,6 +30,7 @@ def fit_fixed_batch(model, x, y, steps=STEPS, learning_rate=LEARNING_RATE,
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=metrics,
+        run_eagerly=run_eagerly,
     )
     before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
     history = model.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False,
@@ -42,7 +43,7 @@ def fit_fixed_batch(model, x, y, steps=STEPS, learning_rate=LEARNING_RATE,
 
 
 def assert_learns(model, x, y, steps=STEPS, learning_rate=LEARNING_RATE,
-                  metrics=None):
+                  metrics=None, run_eagerly=False):
     """Every trainable variable moved and every head's loss (and the
     objective) is lower after `steps - 1` updates than before the first.
 
@@ -50,7 +51,7 @@ def assert_learns(model, x, y, steps=STEPS, learning_rate=LEARNING_RATE,
         The History dict.
     """
     history, moved = fit_fixed_batch(model, x, y, steps, learning_rate,
-                                     metrics)
+                                     metrics, run_eagerly)
     unmoved = [path for path, changed in moved.items() if not changed]
     assert moved and not unmoved, f"weights that did not move: {unmoved}"
     for key in [f"{name}_loss" for name in model.output_names] + ["loss"]:

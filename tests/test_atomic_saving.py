@@ -22,6 +22,11 @@ from conftest import mlp_data
 from keras_mwbp.callbacks.model_checkpoint import ModelCheckpoint
 from keras_mwbp.saving import save_model
 
+# One worker runs the whole module (`--dist loadgroup`), so its
+# module-scoped fixtures (the crashed runs) are built once, not once
+# per worker.
+pytestmark = pytest.mark.xdist_group("atomic_saving")
+
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 

@@ -28,6 +28,11 @@ from conftest import mlp_data
 from conftest import mlp_model
 from conftest import sparse_ce
 
+# One worker runs the whole module (`--dist loadgroup`), so its
+# module-scoped fixtures (the child run in a terminal) are built once, not once
+# per worker.
+pytestmark = pytest.mark.xdist_group("progbar_logger")
+
 HEADS = ["head_0", "head_1", "head_2", "head_3", "final"]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
