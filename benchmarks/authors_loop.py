@@ -15,6 +15,12 @@ method of `keras_mwbp` (`training_step`, `METHODS`):
   `relay`: the same with loss i's gradient kept to segments
   `i - relay_span .. i` (`segment_parameters`); `standard`: the final loss.
 
+Options: coupled weight decay (`torch.optim.SGD`'s) and the weighting of the
+authors' code (`weighting="reference_code"`, `AuthorsLossOptimizer`: the
+trunk's gradient times gamma_i at the rate `lr / sum_{j>=i} gamma_j`, the
+head's own parameters at the full rate), as `keras_mwbp.MultiWayModel`'s
+`weight_decay` and `weighting`.
+
 It is a timing baseline for `benchmarks/step_time.py --backend torch`
 (`make_step`, rows authors-mwbp and authors-joint) and the independent
 reference of `tests/test_authors_loop.py` (`ResNetWithHeads(...,
@@ -166,14 +172,19 @@ class ResNetWithHeads(nn.Module):
 class DataSGD:
     """SGD with Nesterov momentum that writes the parameters through `.data`
     (hidden from autograd's version counters), as the authors' optimizers
-    did."""
+    did; `weight_decay` is coupled, as `torch.optim.SGD`'s (added to the
+    gradient before the momentum)."""
 
-    def __init__(self, params, lr, momentum):
+    def __init__(self, params, lr, momentum, weight_decay=0.0):
         self.params, self.lr, self.momentum = list(params), lr, momentum
+        self.weight_decay = weight_decay
         self.buffers = [torch.zeros_like(p) for p in self.params]
 
     def step(self):
         grads = [p.grad for p in self.params]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, [p.data for p in self.params],
+                                       alpha=self.weight_decay)
         torch._foreach_mul_(self.buffers, self.momentum)
         torch._foreach_add_(self.buffers, grads)
         updates = torch._foreach_add(grads, self.buffers,
@@ -186,17 +197,52 @@ METHODS = ("standard", "joint", "relay", "mwbp", "reverse_mwbp",
            "naive_mwbp", "naive_reverse_mwbp")
 
 
+class AuthorsLossOptimizer:
+    """The per-loss optimizers of the authors' code (`aux_trainer.py`) for
+    loss `i`: an auxiliary loss's trunk parameters get their gradient times
+    gamma_i and a `DataSGD` at the rate `lr / sum_{j=i}^{K-1} gamma_j`, its
+    head's own parameters the plain gradient at the rate `lr`; the final
+    loss one `DataSGD` at `lr`. Every `DataSGD` has the weight decay."""
+
+    def __init__(self, model, i, gammas, lr, momentum, weight_decay):
+        self.params = model.loss_parameters(i)
+        last = len(gammas) - 1
+        if i == last:
+            self.trunk_scale = 1.0
+            self.parts = [DataSGD(self.params, lr, momentum, weight_decay)]
+            self.trunk = []
+            return
+        own = {id(p) for p in model.heads[i].parameters()}
+        self.trunk = [p for p in self.params if id(p) not in own]
+        head = [p for p in self.params if id(p) in own]
+        self.trunk_scale = gammas[i]
+        self.parts = [
+            DataSGD(self.trunk, lr / sum(gammas[i:last]), momentum,
+                    weight_decay),
+            DataSGD(head, lr, momentum, weight_decay),
+        ]
+
+    def step(self):
+        for p in self.trunk:
+            p.grad.mul_(self.trunk_scale)
+        for part in self.parts:
+            part.step()
+
+
 def mwbp_step(model, optimizers, gammas, x, y, order=None):
     """One forward pass, then per loss (shallowest first, or in `order`)
     its backward pass through the recorded graph and its own optimizer's
-    step."""
+    step. `gammas` weight the losses (`None`: unweighted, for the authors'
+    optimizers, which weight the gradients themselves)."""
     outputs = model(x)
     order = range(len(outputs)) if order is None else order
     for n, i in enumerate(order):
         optimizer = optimizers[i]
         for p in optimizer.params:
             p.grad = None
-        loss = gammas[i] * F.cross_entropy(outputs[i], y)
+        loss = F.cross_entropy(outputs[i], y)
+        if gammas is not None:
+            loss = gammas[i] * loss
         loss.backward(retain_graph=n < len(outputs) - 1)
         optimizer.step()
 
@@ -214,7 +260,8 @@ def naive_step(model, optimizers, gammas, x, y, order):
         optimizer = optimizers[i]
         for p in optimizer.params:
             p.grad = None
-        (gammas[i] * F.cross_entropy(logits, y)).backward()
+        loss = F.cross_entropy(logits, y)
+        (loss if gammas is None else gammas[i] * loss).backward()
         optimizer.step()
     with torch.no_grad():
         for b, k in zip(buffers, kept):
@@ -237,50 +284,92 @@ def standard_step(model, optimizer, x, y):
     optimizer.step()
 
 
-def relay_step(model, optimizer, gammas, x, y, span=1):
+def relay_step(model, optimizer, gammas, x, y, span=1, scale=None):
     """Relay BP: as `joint_step`, but loss i's gradient is taken for, and
     reaches, only the parameters of segments `i - span .. i` (those of them
-    it depends on: not the heads of the segments below its own)."""
+    it depends on: not the heads of the segments below its own). `span=None`
+    reaches every parameter (Joint BP) and `scale(i, p)`, if given, is the
+    factor of loss i's gradient on parameter `p` instead of gamma_i."""
     optimizer.zero_grad(set_to_none=True)
     outputs = model(x)
     for i, logits in enumerate(outputs):
-        reach = {id(p) for s in range(max(0, i - span), i + 1)
-                 for p in model.segment_parameters(s)}
-        params = [p for p in model.loss_parameters(i) if id(p) in reach]
-        grads = torch.autograd.grad(gammas[i] * F.cross_entropy(logits, y),
-                                    params,
+        params = model.loss_parameters(i)
+        if span is not None:
+            reach = {id(p) for s in range(max(0, i - span), i + 1)
+                     for p in model.segment_parameters(s)}
+            params = [p for p in params if id(p) in reach]
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), params,
                                     retain_graph=i < len(outputs) - 1)
         for p, g in zip(params, grads):
+            g = g * (gammas[i] if scale is None else scale(i, p))
             p.grad = g if p.grad is None else p.grad + g
     optimizer.step()
 
 
+def reference_code_scale(model, gammas):
+    """`scale(i, p)` of the authors' weighting for the one-update methods:
+    1 on a head's own parameters and for the final loss, gamma_i /
+    sum_{j=i}^{K-1} gamma_j on the trunk of an auxiliary loss i."""
+    last = len(gammas) - 1
+    trunk = {id(p) for p in model.loss_parameters(last)}
+
+    def scale(i, p):
+        if i == last or id(p) not in trunk:
+            return 1.0
+        return gammas[i] / sum(gammas[i:last])
+
+    return scale
+
+
+WEIGHTINGS = ("paper", "reference_code")
+
+
 def training_step(method, model, gammas, lr=0.1, momentum=0.9,
-                  relay_span=1):
+                  relay_span=1, weighting="paper", weight_decay=0.0):
     """Returns `step(x, y)`, one training step of `method` (one of
-    `METHODS`) on `model` with SGD (Nesterov momentum); `x` is
-    channels-first, `y` integer labels. The per-loss methods give every
-    loss its own `DataSGD` over the parameters it reaches."""
+    `METHODS`) on `model` with SGD (Nesterov momentum, coupled
+    `weight_decay`); `x` is channels-first, `y` integer labels. The per-loss
+    methods give every loss its own `DataSGD` over the parameters it
+    reaches; under `weighting="reference_code"` the authors' per-loss
+    optimizers (`AuthorsLossOptimizer`), and the one-update methods scale
+    each loss's gradient as `reference_code_scale` says."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; one of "
+                         f"{WEIGHTINGS}")
     num_losses = len(gammas)
     order = list(range(num_losses))
     if "reverse" in method:
         order.reverse()
     if method.endswith("mwbp"):
-        optimizers = [DataSGD(model.loss_parameters(i), lr, momentum)
-                      for i in range(num_losses)]
+        if weighting == "reference_code":
+            optimizers = [AuthorsLossOptimizer(model, i, gammas, lr, momentum,
+                                               weight_decay)
+                          for i in range(num_losses)]
+            weights = None
+        else:
+            optimizers = [DataSGD(model.loss_parameters(i), lr, momentum,
+                                  weight_decay)
+                          for i in range(num_losses)]
+            weights = gammas
         if method.startswith("naive_"):
-            return lambda x, y: naive_step(model, optimizers, gammas, x, y,
+            return lambda x, y: naive_step(model, optimizers, weights, x, y,
                                            order)
-        return lambda x, y: mwbp_step(model, optimizers, gammas, x, y, order)
+        return lambda x, y: mwbp_step(model, optimizers, weights, x, y, order)
     optimizer = torch.optim.SGD(model.parameters(), lr, momentum=momentum,
-                                nesterov=True)
+                                nesterov=True, weight_decay=weight_decay)
     if method == "standard":
         return lambda x, y: standard_step(model, optimizer, x, y)
+    scale = None
+    if weighting == "reference_code":
+        scale = reference_code_scale(model, gammas)
     if method == "relay":
         return lambda x, y: relay_step(model, optimizer, gammas, x, y,
-                                       relay_span)
+                                       relay_span, scale)
+    if scale is not None:
+        return lambda x, y: relay_step(model, optimizer, gammas, x, y, None,
+                                       scale)
     return lambda x, y: joint_step(model, optimizer, gammas, x, y)
 
 

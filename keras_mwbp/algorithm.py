@@ -193,10 +193,12 @@ class TrainingStep:
                 grads = step.gradients(seeds[i], variables)
             else:
                 grads = self.fresh_gradients(step, i, data, variables, gammas)
+            decay = None
             if model.weighting == "reference_code":
                 factors = reference_code_scales(model, i, variables, gammas)
                 grads = [g * factor for g, factor in zip(grads, factors)]
-            self.apply(i, grads, variables, after=after, head=i)
+                decay = reference_code_decay_scales(model, i, variables, gammas)
+            self.apply(i, grads, variables, after=after, head=i, decay=decay)
             updated.update(id(v) for v in variables)
 
     def fresh_gradients(self, step, index, data, variables, gammas):
@@ -254,13 +256,15 @@ class TrainingStep:
         ]
 
     # --------------------------------------------------------------- update
-    def apply(self, index, grads, variables, after=(), head=-1):
-        """Adds the variables' regularizer gradients, applies optimizer i once
-        every gradient of the loss (and every tensor of `after`) exists.
+    def apply(self, index, grads, variables, after=(), head=-1, decay=None):
+        """Adds the variables' regularizer gradients and the coupled weight
+        decay, applies optimizer i once every gradient of the loss (and every
+        tensor of `after`) exists.
 
         Under nan_policy "zero" NaN gradient entries become 0; under the other
         policies the gradients' finiteness is recorded for head `head` (-1:
-        the joint objective)."""
+        the joint objective). `decay` holds a factor per variable of the
+        weight decay term (`None`: 1 for all)."""
         backend = self.backend
         if self.model.nan_policy == "zero":
             grads = backend.zero_nans(grads)
@@ -269,6 +273,9 @@ class TrainingStep:
             # whose scaled gradients overflow, and halves its scale.)
             self.finite_flags.append((head, backend.all_finite(grads)))
         reg_grads = backend.regularization_gradients(variables)
+        reg_grads = add_weight_decay(
+            reg_grads, variables, self.model.weight_decay, decay
+        )
         if self.scales:
             reg_grads = [r if r is None else r * self.scales[index]
                          for r in reg_grads]
@@ -363,6 +370,37 @@ def reference_code_scales(model, index, variables, gammas):
     trunk = {id(v) for v in model._head_graph.loss_variables[last]}
     normalized = gammas[index] / sum(gammas[index:last])
     return [normalized if id(v) in trunk else 1.0 for v in variables]
+
+
+def reference_code_decay_scales(model, index, variables, gammas):
+    """The authors' code's factor of loss `index`'s weight decay per
+    variable: it divides the trunk's learning rate of an auxiliary loss i by
+    the sum of gamma_j for j = i .. K-1, and with it the decay; 1 on an
+    auxiliary head's own variables and for the final loss."""
+    last = model.num_heads - 1
+    if index == last:
+        return [1.0] * len(variables)
+    trunk = {id(v) for v in model._head_graph.loss_variables[last]}
+    rate = 1.0 / sum(gammas[index:last])
+    return [rate if id(v) in trunk else 1.0 for v in variables]
+
+
+def add_weight_decay(reg_grads, variables, weight_decay, factors=None):
+    """`reg_grads` (a gradient or `None` per variable) plus the coupled
+    weight decay `weight_decay * factor * w` of every variable `w`, divided
+    by the number of replicas as the regularizers' gradients are (the
+    optimizer sums the replicas' gradients)."""
+    if not weight_decay:
+        return reg_grads
+    if factors is None:
+        factors = [1.0] * len(variables)
+    rate = weight_decay / backends.get().num_replicas()
+    total = []
+    for r, v, factor in zip(reg_grads, variables, factors):
+        value = keras.ops.convert_to_tensor(v.value)
+        term = value * keras.ops.cast(factor * rate, value.dtype)
+        total.append(term if r is None else r + term)
+    return total
 
 
 def regularization_penalty(variables):

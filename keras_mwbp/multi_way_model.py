@@ -1,5 +1,7 @@
 """`MultiWayModel`: a functional Keras model trained with Multi-way BP."""
 
+import math
+import numbers
 import types
 
 import keras
@@ -101,7 +103,8 @@ class MultiWayModel(keras.Model):
     Regularization: each variable's own regularizer (e.g. `kernel_regularizer`)
     is added, unweighted, to every update that touches the variable (so in
     `"mwbp"` once per loss that reaches it, as the authors' per-loss weight
-    decay did). Activity regularizers are not supported.
+    decay did). Activity regularizers are not supported. `weight_decay` is
+    the authors' coupled weight decay (below).
 
     Args:
         inputs: The model's input tensor(s), as for a functional model.
@@ -124,6 +127,18 @@ class MultiWayModel(keras.Model):
             methods scale each loss's update; `"joint"` and `"relay"` sum
             the per-loss gradients so scaled into their one update (for
             `"joint"` one backward pass per loss instead of one in all).
+        weight_decay: Coupled (L2) weight decay, as `torch.optim.SGD`'s and
+            the authors' per-loss SGDs: `weight_decay * w` is added to the
+            gradient of every trainable variable `w` in every update that
+            touches it, before the optimizer (so momentum carries it).
+            Per-loss methods decay a shallow variable once per loss that
+            reaches it; `"joint"`, `"relay"` and `"standard"` once per step.
+            Under `weighting="reference_code"` the trunk's term of an
+            auxiliary loss i is divided by `sum_{j=i}^{K-1} gamma_j`, as the
+            authors' trunk learning rate is. A non-negative number; `0`
+            (default) adds nothing. Unlike the decoupled `weight_decay` of
+            Keras optimizers (`w -= lr * wd * w` outside the momentum, about
+            ten times weaker at momentum 0.9), this is the paper's recipe.
         nan_policy: What a training step does when a head's loss, an
             update's gradients or the new BatchNorm statistics are not
             finite. `"raise"` (default): every variable (weights, statistics,
@@ -171,6 +186,7 @@ class MultiWayModel(keras.Model):
         weighting="paper",
         nan_policy="raise",
         shuffle_seed=None,
+        weight_decay=0.0,
         **kwargs,
     ):
         if method not in METHODS:
@@ -180,6 +196,7 @@ class MultiWayModel(keras.Model):
         _check_relay_span(relay_span)
         _check_weighting(weighting, method)
         _check_nan_policy(nan_policy)
+        weight_decay = _check_weight_decay(weight_decay)
         shuffle_seed = data_order.check_seed(shuffle_seed)
         loss_weights.check_nu(nu)
         if not isinstance(outputs, (list, tuple)):
@@ -209,6 +226,7 @@ class MultiWayModel(keras.Model):
         self.weighting = weighting
         self.nan_policy = nan_policy
         self.shuffle_seed = shuffle_seed
+        self.weight_decay = weight_decay
         self._batches_to_skip = 0
         self._skipped_logs = {}
         self._resume_metric_values = None
@@ -743,6 +761,7 @@ class MultiWayModel(keras.Model):
             weighting=self.weighting,
             nan_policy=self.nan_policy,
             shuffle_seed=self.shuffle_seed,
+            weight_decay=self.weight_decay,
             head_depths=(
                 None if self._given_head_depths is None
                 else list(self._given_head_depths)
@@ -809,6 +828,20 @@ def _check_nan_policy(nan_policy):
             f"`nan_policy` must be one of {NAN_POLICIES}. "
             f"Received: nan_policy={nan_policy!r}"
         )
+
+
+def _check_weight_decay(weight_decay):
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, numbers.Real)
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
+        raise ValueError(
+            "`weight_decay` must be a finite non-negative number. "
+            f"Received: weight_decay={weight_decay!r}"
+        )
+    return float(weight_decay)
 
 
 def _check_weighting(weighting, method):

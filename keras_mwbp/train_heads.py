@@ -4,6 +4,7 @@ Paper footnote 3 (Guo et al. 2020): the intermediate models of standard BP
 are compared after their auxiliary heads are trained on the frozen trunk.
 """
 
+import math
 import numbers
 import sys
 import types
@@ -22,6 +23,7 @@ def train_heads(
     batch_size=32,
     shuffle_seed=0,
     verbose=0,
+    weight_decay=0.0,
 ):
     """Trains only the auxiliary heads of a model; the trunk stays fixed.
 
@@ -57,6 +59,11 @@ def train_heads(
             are shuffled once per epoch by a permutation drawn from this
             seed and the epoch (the same order on every call).
         verbose: Passed to `fit`.
+        weight_decay: Coupled (L2) weight decay of the trained variables,
+            as `MultiWayModel(weight_decay=...)`: `weight_decay * w` is
+            added to each one's gradient (a regularizer `0.5 * weight_decay
+            * sum(w ** 2)` set for the training, on top of the variable's
+            own, and taken off afterwards). A non-negative number.
 
     Returns:
         The `keras.callbacks.History` of the training; its `history` holds
@@ -89,6 +96,16 @@ def train_heads(
         raise ValueError(
             "`shuffle_seed` must be a non-negative integer or None. "
             f"Received: shuffle_seed={shuffle_seed!r}"
+        )
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, numbers.Real)
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
+        raise ValueError(
+            "`weight_decay` must be a finite non-negative number. "
+            f"Received: weight_decay={weight_decay!r}"
         )
     heads = _check_heads(heads, len(outputs) - 1)
     arrays = _check_data(data)
@@ -126,10 +143,16 @@ def train_heads(
     )
     names = [model.output_names[index] for index in heads]
     flags = [(layer, layer.trainable) for layer in heads_model.layers]
+    regularized = [
+        (v, v.regularizer) for layer in head_layers
+        for v in layer.trainable_weights
+    ] if weight_decay else []
     try:
         head_ids = set(id(layer) for layer in head_layers)
         for layer, _ in flags:
             layer.trainable = id(layer) in head_ids
+        for variable, own in regularized:
+            variable.regularizer = _CoupledDecay(weight_decay, own)
         single = len(names) == 1  # a one-output model takes plain targets
 
         def targets(y):
@@ -166,6 +189,21 @@ def train_heads(
     finally:
         for layer, trainable in flags:
             layer.trainable = trainable
+        for variable, own in regularized:
+            variable.regularizer = own
+
+
+class _CoupledDecay:
+    """`0.5 * weight_decay * sum(w ** 2)`, plus a variable's own
+    regularizer: its gradient adds `weight_decay * w`."""
+
+    def __init__(self, weight_decay, own):
+        self.weight_decay = weight_decay
+        self.own = own
+
+    def __call__(self, x):
+        penalty = 0.5 * self.weight_decay * keras.ops.sum(keras.ops.square(x))
+        return penalty if self.own is None else penalty + self.own(x)
 
 
 def _check_model(model):

@@ -660,6 +660,44 @@ def loss_scales(dependencies, gammas, weighting="paper"):
     return scales
 
 
+def decay_scales(dependencies, gammas, weighting="paper"):
+    """Factor of loss ``i``'s coupled weight decay, per loss and layer.
+
+    ``"paper"``: 1 everywhere. ``"reference_code"``: the authors' code divides
+    an auxiliary loss ``i``'s trunk learning rate by
+    ``sum_{j=i}^{K-1} gamma_j``, so its trunk layers' decay has the factor
+    ``1 / sum_{j=i}^{K-1} gamma_j``; 1 on the head's own layers and for the
+    final loss.
+    """
+    last = len(gammas) - 1
+    result = []
+    for index, layers in enumerate(dependencies):
+        if weighting == "paper" or index == last:
+            result.append({layer: 1.0 for layer in layers})
+            continue
+        trunk = 1.0 / sum(gammas[index:last])
+        result.append(
+            {
+                layer: trunk if layer in dependencies[last] else 1.0
+                for layer in layers
+            }
+        )
+    return result
+
+
+def _decayed(grads, params, weight_decay, factors=None):
+    """``grads`` plus ``weight_decay * factor * w`` for every parameter
+    ``w`` they hold (coupled L2 decay, as ``torch.optim.SGD``)."""
+    return {
+        layer: {
+            name: g + (1.0 if factors is None else factors[layer])
+            * weight_decay * params[layer][name]
+            for name, g in layer_grads.items()
+        }
+        for layer, layer_grads in grads.items()
+    }
+
+
 def _scale_per_layer(grads, factors):
     return {
         layer: {name: factors[layer] * g for name, g in layer_grads.items()}
@@ -685,6 +723,9 @@ class Step:
             (:func:`loss_scales`).
         relay_span: Relay BP's ``c``.
         optimizers: One optimizer, or one per loss.
+        weight_decay: Coupled weight decay of every update.
+        decays: Per loss, ``{layer: factor}`` of its weight decay
+            (:func:`decay_scales`).
     """
 
     network: Network
@@ -698,6 +739,8 @@ class Step:
     scales: list
     relay_span: int
     optimizers: list
+    weight_decay: float = 0.0
+    decays: list = None
 
     @property
     def num_losses(self):
@@ -719,16 +762,26 @@ class Step:
         return self.network.backward(self.params, tape, index, grad)
 
     def apply_loss(self, index, grads):
-        """Scales loss ``index``'s gradient (:attr:`scales`) and applies it
-        with loss ``index``'s own optimizer."""
+        """Scales loss ``index``'s gradient (:attr:`scales`), adds its weight
+        decay (:attr:`decays`) and applies it with loss ``index``'s own
+        optimizer."""
         scaled = _scale_per_layer(grads, self.scales[index])
+        scaled = _decayed(
+            scaled, self.params, self.weight_decay, self.decays[index]
+        )
         self.optimizers[index].apply(self.params, scaled)
+
+    def apply_single(self, grads):
+        """The one update of the single-optimizer methods, with the weight
+        decay of every parameter it touches."""
+        grads = _decayed(grads, self.params, self.weight_decay)
+        self.optimizers[0].apply(self.params, grads)
 
 
 def _standard_update(step):
     """Ordinary (unweighted) gradient of the final loss, one optimizer."""
     final = step.num_losses - 1
-    step.optimizers[0].apply(step.params, step.shared_gradient(final))
+    step.apply_single(step.shared_gradient(final))
 
 
 def _joint_update(step):
@@ -739,7 +792,7 @@ def _joint_update(step):
     for index in range(step.num_losses):
         grads = step.shared_gradient(index)
         total = _add(total, _scale_per_layer(grads, step.scales[index]))
-    step.optimizers[0].apply(step.params, total)
+    step.apply_single(total)
 
 
 def _relay_update(step):
@@ -750,7 +803,7 @@ def _relay_update(step):
         reach = relay_layers(step.dependencies, index, step.relay_span)
         grads = _restrict(step.shared_gradient(index), reach)
         total = _add(total, _scale_per_layer(grads, step.scales[index]))
-    step.optimizers[0].apply(step.params, total)
+    step.apply_single(total)
 
 
 def _multiway(step, order):
@@ -838,6 +891,7 @@ def train_steps(
     nesterov=False,
     relay_span=1,
     weighting="paper",
+    weight_decay=0.0,
 ):
     """Runs one training step per batch.
 
@@ -864,6 +918,9 @@ def train_steps(
         relay_span: Relay BP's ``c`` (``"relay"`` only), an int >= 0.
         weighting: ``"paper"`` or ``"reference_code"`` (see
             :func:`loss_scales`); every method but ``"standard"``.
+        weight_decay: Coupled weight decay: ``weight_decay * w`` added to
+            the gradient of every parameter ``w`` an update touches, times
+            :func:`decay_scales`'s factor in the per-loss updates.
 
     Returns:
         Tuple ``(params, bn_state, velocities)``: the trained parameters, the
@@ -893,6 +950,7 @@ def train_steps(
         if dependencies is None:  # They do not change between steps.
             dependencies = loss_dependencies(network, params, x, labels)
             scales = loss_scales(dependencies, gammas, weighting)
+            decays = decay_scales(dependencies, gammas, weighting)
         logits, tape, moments = network.forward(params, x)
         for name, layer_moments in moments.items():
             update_moving_statistics(bn_state[name], layer_moments)
@@ -908,6 +966,8 @@ def train_steps(
             scales=scales,
             relay_span=relay_span,
             optimizers=optimizers,
+            weight_decay=weight_decay,
+            decays=decays,
         )
         update(step)
     return params, bn_state, [optimizer.velocities for optimizer in optimizers]

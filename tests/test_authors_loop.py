@@ -66,7 +66,7 @@ WEIGHT_SEED, DATA_SEED = 0, 2
 RELU_MARGIN = 2e-6
 
 
-def keras_model(method):
+def keras_model(method, weighting="paper", weight_decay=0.0):
     keras.utils.set_random_seed(0)
     model = cifar_resnet(
         DEPTH,
@@ -74,6 +74,8 @@ def keras_model(method):
         num_losses=NUM_LOSSES,
         input_shape=INPUT_SHAPE,
         method=method,
+        weighting=weighting,
+        weight_decay=weight_decay,
     )
     model.compile(
         optimizer=keras.optimizers.SGD(
@@ -243,13 +245,14 @@ def weights_of(pairs, source):
 _RUNS = {}
 
 
-def run(method):
+def run(method, weighting="paper", weight_decay=0.0):
     """Trains both implementations 3 steps; returns the `(keras, torch,
     initial)` weights (Keras layout; torch's running variances converted to
     Keras's convention) and the reference's smallest |ReLU input|."""
-    if method in _RUNS:
-        return _RUNS[method]
-    model = keras_model(method)
+    key = (method, weighting, weight_decay)
+    if key in _RUNS:
+        return _RUNS[key]
+    model = keras_model(method, weighting, weight_decay)
     torch.manual_seed(0)
     net = authors_loop.ResNetWithHeads(
         BLOCKS_PER_STAGE, authors_loop_taps(), num_classes=NUM_CLASSES,
@@ -266,8 +269,11 @@ def run(method):
     )
     gammas = list(model.head_weights)
     assert len(gammas) == NUM_LOSSES and gammas[-1] == 1.0
-    step = authors_loop.training_step(method, net, gammas, LEARNING_RATE,
-                                      MOMENTUM, relay_span=model.relay_span)
+    step = authors_loop.training_step(
+        method, net, gammas, LEARNING_RATE, MOMENTUM,
+        relay_span=model.relay_span, weighting=weighting,
+        weight_decay=weight_decay,
+    )
     relu = ReluMargin()
     for x, y in batches():
         model.train_on_batch(x, y)
@@ -284,8 +290,8 @@ def run(method):
                 decay * start + (trained_torch[key] - decay * start)
                 * (n - 1) / n
             )
-    _RUNS[method] = trained_keras, trained_torch, initial, relu.margin
-    return _RUNS[method]
+    _RUNS[key] = trained_keras, trained_torch, initial, relu.margin
+    return _RUNS[key]
 
 
 def differences(actual, expected):
@@ -304,9 +310,27 @@ def differences(actual, expected):
     return absolute, relative, share
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_keras_mwbp_equals_the_authors_loop(method):
-    trained_keras, trained_torch, initial, margin = run(method)
+# The authors' weighting and coupled weight decay (large enough to move every
+# weight far beyond the tolerance in 3 steps): the per-loss methods against
+# the authors' per-loss optimizers (trunk rate lr / sum_{j>=i} gamma_j).
+OPTIONS = [(m, "paper", 0.0) for m in METHODS] + [
+    ("mwbp", "reference_code", 0.05),
+    ("naive_reverse_mwbp", "reference_code", 0.05),
+    ("joint", "reference_code", 0.05),
+    ("mwbp", "paper", 0.05),
+    ("relay", "paper", 0.05),
+    ("standard", "paper", 0.05),
+]
+
+
+@pytest.mark.parametrize(
+    "method, weighting, weight_decay", OPTIONS,
+    ids=[m if not d else f"{m}-{w}-decay" for m, w, d in OPTIONS],
+)
+def test_keras_mwbp_equals_the_authors_loop(method, weighting, weight_decay):
+    trained_keras, trained_torch, initial, margin = run(
+        method, weighting, weight_decay
+    )
     # Well-conditioned data: no ReLU input of the reference lies so near 0
     # that float32 round-off could put it on the other side in Keras.
     assert margin > RELU_MARGIN, (
@@ -334,12 +358,17 @@ def test_keras_mwbp_equals_the_authors_loop(method):
           f"{relative:.1e}, {share:.0%} of the tolerance")
 
 
-@pytest.mark.parametrize("other", [m for m in METHODS if m != "mwbp"])
+@pytest.mark.parametrize(
+    "other", [(m, "paper", 0.0) for m in METHODS if m != "mwbp"]
+    + [o for o in OPTIONS if o[2]],
+    ids=lambda o: "-".join(map(str, o)),
+)
 def test_methods_differ_beyond_the_tolerance(other):
-    """mwbp's result differs from every other method's, so a method mixed
-    up with another would fail the comparison above."""
+    """mwbp's result differs from every other method's and option's, so a
+    method or option mixed up with another would fail the comparison
+    above."""
     mwbp = run("mwbp")[0]
-    result = run(other)[0]
+    result = run(*other)[0]
     difference = max(
         float(np.max(np.abs(mwbp[k] - result[k]))) for k in mwbp
     )

@@ -44,6 +44,9 @@ METHODS = (
 NETWORK_NAMES = ("mlp", "convnet")
 # On both 3-loss networks a span of 2 lets every loss reach every segment.
 COVERING_SPAN = 2
+# Coupled weight decay of the decay tests: large enough that 3 steps move the
+# weights far beyond the comparison's tolerance.
+WEIGHT_DECAY = 0.05
 
 _SEGMENTS = {
     "mlp": ({"d1", "h0"}, {"d2", "h1"}, {"final"}),
@@ -180,6 +183,49 @@ def test_reference_joint_with_reference_code_weighting_by_hand(network_name):
                 rtol=1e-12, atol=1e-14, err_msg=f"{layer}/{weight}")
 
 
+@pytest.mark.parametrize("network_name", NETWORK_NAMES)
+def test_reference_weight_decay_scales(network_name):
+    """Coupled weight decay of loss i: 1 everywhere under "paper"; under
+    "reference_code" 1 / sum_{j=i}^{K-1} gamma_j on an auxiliary loss's
+    trunk (the authors divide the trunk's rate), 1 on its head's own layers
+    and for the final loss."""
+    dependencies = _dependencies(network_name)
+    decays = ref.decay_scales(dependencies, GAMMAS, "reference_code")
+    trunk_factors = (1.0 / (GAMMAS[0] + GAMMAS[1]), 1.0 / GAMMAS[1])
+    for index, head in enumerate(("h0", "h1")):
+        assert set(decays[index]) == dependencies[index]
+        for layer, factor in decays[index].items():
+            expected = 1.0 if layer == head else trunk_factors[index]
+            assert factor == pytest.approx(expected, rel=1e-15), layer
+    assert decays[2] == {layer: 1.0 for layer in dependencies[2]}
+    paper = ref.decay_scales(dependencies, GAMMAS, "paper")
+    assert paper == [{layer: 1.0 for layer in d} for d in dependencies]
+
+
+@pytest.mark.parametrize("method", ["standard", "joint", "relay"])
+def test_reference_weight_decay_of_one_update_by_hand(method):
+    """One SGD step (no momentum) of the one-update methods with coupled
+    weight decay: w - lr * (gradient of the method + wd * w) on every layer
+    the update touches (standard BP: the final loss's layers only)."""
+    network = NETWORKS["convnet"]
+    params, bn_state = _initial("convnet")
+    batch = random_batches("convnet", 0)[:1]
+    plain, _, _ = ref.train_steps(network, params, bn_state, batch, method,
+                                  GAMMAS, LEARNING_RATE, 0.0)
+    decayed, _, _ = ref.train_steps(network, params, bn_state, batch, method,
+                                    GAMMAS, LEARNING_RATE, 0.0,
+                                    weight_decay=WEIGHT_DECAY)
+    touched = _dependencies("convnet")[-1] if method == "standard" else params
+    for layer, weights in params.items():
+        for weight, value in weights.items():
+            expected = plain[layer][weight]
+            if layer in touched:
+                expected = expected - LEARNING_RATE * WEIGHT_DECAY * value
+            np.testing.assert_allclose(
+                decayed[layer][weight], expected, rtol=1e-12, atol=1e-14,
+                err_msg=f"{method}: {layer}/{weight}")
+
+
 def _reference_params(network_name, method, **options):
     params, _, _ = ref.train_steps(
         NETWORKS[network_name], *_initial(network_name),
@@ -262,6 +308,24 @@ def test_reference_code_weighting_matches_reference(
     _check_against_reference(network_name, method, weighting="reference_code")
 
 
+WEIGHTED_METHODS = [m for m in METHODS if m != "standard"]
+DECAY_CASES = [(m, "paper") for m in METHODS] + [
+    (m, "reference_code") for m in WEIGHTED_METHODS
+]
+
+
+@pytest.mark.parametrize(
+    "method, weighting", DECAY_CASES, ids=[f"{m}-{w}" for m, w in DECAY_CASES]
+)
+def test_weight_decay_matches_reference(float64_keras, method, weighting):
+    """Coupled weight decay in every update (each per-loss update, the one
+    update of the others), under both weightings, on the conv net with
+    BatchNorm and a residual connection."""
+    _check_against_reference(
+        "convnet", method, weighting=weighting, weight_decay=WEIGHT_DECAY
+    )
+
+
 @pytest.mark.parametrize("network_name", NETWORK_NAMES)
 def test_keras_relay_covering_all_segments_is_joint(float64_keras, network_name):
     initial, (relay_params, relay_bn) = multiway_run(
@@ -287,9 +351,14 @@ def test_keras_relay_covering_all_segments_is_joint(float64_keras, network_name)
         (("relay", {}), ("relay", {"weighting": "reference_code"})),
         (("joint", {"weighting": "reference_code"}),
          ("mwbp", {"weighting": "reference_code"})),
+        (("mwbp", {}), ("mwbp", {"weight_decay": WEIGHT_DECAY})),
+        (("mwbp", {"weight_decay": WEIGHT_DECAY}),
+         ("mwbp", {"weight_decay": WEIGHT_DECAY,
+                   "weighting": "reference_code"})),
     ],
     ids=["order", "naive", "naive-reverse", "relay-span0", "weighting",
-         "joint-weighting", "relay-weighting", "joint-mwbp-weighting"],
+         "joint-weighting", "relay-weighting", "joint-mwbp-weighting",
+         "decay", "decay-weighting"],
 )
 @pytest.mark.parametrize("network_name", NETWORK_NAMES)
 def test_keras_shows_the_reference_differences(

@@ -205,3 +205,42 @@ def test_exported_and_callable_after_submodule_import():
     kernel = model.get_layer("head_1").kernel.numpy()
     keras_mwbp.train_heads(model, (x, y), epochs=1, heads=[1])
     assert not np.array_equal(model.get_layer("head_1").kernel.numpy(), kernel)
+
+
+def test_weight_decay_is_coupled_and_taken_off_afterwards():
+    """One step of plain SGD on one batch: with `weight_decay`, every head
+    variable ends at `w - lr * (g + weight_decay * w)`, `g` its gradient
+    without decay (the same run without it); the trunk stays fixed and no
+    regularizer is left on any variable."""
+    x, y = _data(16)
+    lr, decay = 0.05, 0.3
+    ends = []
+    for weight_decay in (0.0, decay):
+        model = _model("standard")
+        start = _values(model, TRUNK + HEADS)
+        train_heads(model, (x, y), epochs=1, batch_size=16, shuffle_seed=0,
+                    optimizer=keras.optimizers.SGD(lr),
+                    weight_decay=weight_decay)
+        ends.append(_values(model, TRUNK + HEADS))
+        assert all(v.regularizer is None for v in model.trainable_variables)
+    plain, decayed = ends
+    moved = 0
+    for key, value in start.items():
+        if key[0] in TRUNK:
+            np.testing.assert_array_equal(decayed[key], value)
+            continue
+        if not model.get_layer(key[0]).weights[key[1]].trainable:
+            np.testing.assert_array_equal(decayed[key], plain[key])
+            continue
+        np.testing.assert_allclose(
+            decayed[key], plain[key] - lr * decay * value, rtol=1e-5,
+            atol=1e-6, err_msg=str(key))
+        moved += 1
+    assert moved == 8  # h0_hidden, h0_bn (gamma, beta), head_0, head_1.
+
+
+def test_weight_decay_must_be_non_negative():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"`weight_decay` must be a finite "
+                       r"non-negative number. Received: weight_decay=-0.1"):
+        train_heads(_model(), (x, y), epochs=1, weight_decay=-0.1)

@@ -31,10 +31,24 @@ CIFAR_RESNET_PRESETS = {
 STAGE_FILTERS = (16, 32, 64)
 
 
+_CONVOLUTIONS = {3: layers.Conv1D, 4: layers.Conv2D, 5: layers.Conv3D}
+
+
 def apply_conv(x, filters, kernel_size, strides, name, groups=1):
     """Bias-free "same" convolution with He-normal initialization, as in
-    every layer of the zoo's networks before a BN."""
-    return layers.Conv2D(
+    every layer of the zoo's networks before a BN. Its rank follows `x`:
+    `Conv1D` for `(batch, length, channels)`, `Conv2D` for images,
+    `Conv3D` for volumes."""
+    rank = len(x.shape)
+    if rank not in _CONVOLUTIONS:
+        raise ValueError(
+            "The input of a zoo network must have 1, 2 or 3 spatial axes "
+            "and a channel axis: `input_shape` `(length, channels)`, "
+            "`(height, width, channels)` or `(depth, height, width, "
+            f"channels)`. Received: a feature of shape {tuple(x.shape)} "
+            f"before layer {name!r}"
+        )
+    return _CONVOLUTIONS[rank](
         filters,
         kernel_size,
         strides=strides,
@@ -81,19 +95,21 @@ def apply_basic_block(x, filters, strides, name):
     return layers.ReLU(name=f"{name}_out")(x)
 
 
-def apply_trunk(x, blocks_per_stage):
+def apply_trunk(x, blocks_per_stage, stage_filters=STAGE_FILTERS):
     """Stem and residual stages.
 
     Args:
-        x: Input image tensor.
+        x: Input tensor (image, or 1-D signal of shape `(length, channels)`).
         blocks_per_stage: Basic blocks in each of the three stages.
+        stage_filters: Filters of the stem and first stage, then of the
+            second and third stages.
 
     Returns:
         List of the outputs of all residual blocks, first to last.
     """
-    x = apply_stem(x, STAGE_FILTERS[0])
+    x = apply_stem(x, stage_filters[0])
     block_outputs = []
-    for stage, filters in enumerate(STAGE_FILTERS):
+    for stage, filters in enumerate(stage_filters):
         for index in range(blocks_per_stage):
             strides = 2 if stage > 0 and index == 0 else 1
             name = f"block_{len(block_outputs) + 1}"
@@ -130,8 +146,14 @@ def cifar_resnet(
     method="mwbp",
     nu=2.0,
     head=None,
+    width=16,
+    **kwargs,
 ):
     """A CIFAR ResNet with auxiliary heads, ready to compile.
+
+    The convolutions' rank follows `input_shape`: `(length, channels)`
+    builds the same network from `Conv1D` layers (for 1-D signals such as
+    MNIST-1D), `(height, width, channels)` from `Conv2D`.
 
     Args:
         depth: Number of weight layers, `6n + 2`; one of
@@ -149,6 +171,10 @@ def cifar_resnet(
             logits, with its layers named `"{name}_..."`. Defaults to
             `keras_mwbp.heads.bn_relu_pool_dense` (type A). The final head is
             always `pool_dense`, the ResNet classifier.
+        width: Filters of the first stage (positive int); the stages have
+            `width, 2 * width, 4 * width` (He et al.: 16, 32, 64).
+        **kwargs: Other `keras_mwbp.MultiWayModel` arguments (`weighting`,
+            `weight_decay`, `head_weights`, `shuffle_seed`, `name`, ...).
 
     Returns:
         An uncompiled `keras_mwbp.MultiWayModel` whose outputs are
@@ -184,10 +210,16 @@ def cifar_resnet(
     if taps is None:
         taps = official_taps(num_blocks, num_losses)
     check_taps(taps, num_blocks, num_losses)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(
+            f"`width` must be a positive integer. Received: width={width!r}"
+        )
     head = head or bn_relu_pool_dense
 
     inputs = layers.Input(shape=input_shape, name="image")
-    block_outputs = apply_trunk(inputs, CIFAR_RESNET_PRESETS[depth])
+    block_outputs = apply_trunk(
+        inputs, CIFAR_RESNET_PRESETS[depth], (width, 2 * width, 4 * width)
+    )
     outputs = [
         output_name(
             head(block_outputs[block - 1], num_classes, f"head_{index}"),
@@ -203,7 +235,7 @@ def cifar_resnet(
         outputs=outputs,
         method=method,
         nu=nu,
-        name=f"cifar_resnet{depth}",
+        **{"name": f"cifar_resnet{depth}", **kwargs},
     )
 
 
