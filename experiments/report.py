@@ -9,15 +9,15 @@ from scipy import stats
 
 RUN_COLUMNS = (
     "study", "key", "label", "seed", "dataset", "num_train", "depth", "width",
-    "num_losses", "method", "nu", "epochs", "batch_size", "lr",
-    "warmup_epochs", "head", "head_name", "head_depth", "head_params",
-    "test_accuracy", "failed", "error", "epoch_seconds", "step_seconds",
+    "num_losses", "method", "weighting", "nu", "epochs", "batch_size", "lr",
+    "warmup_epochs", "weight_decay", "head", "head_name", "head_depth",
+    "head_params", "test_accuracy", "train_accuracy", "failed", "error", "epoch_seconds", "step_seconds",
     "first_epoch_seconds", "fit_seconds", "head_train_seconds",
 )
 SUMMARY_COLUMNS = (
     "label", "head", "head_depth", "head_params", "n_runs", "n_failed",
     "mean_accuracy", "std_accuracy", "mean_accuracy_trained",
-    "mean_epoch_seconds", "mean_step_seconds",
+    "mean_epoch_seconds", "mean_step_seconds", "mean_train_accuracy",
 )
 PAIRED_COLUMNS = (
     "group", "a", "b", "head", "n_pairs", "mean_diff", "ci95_low",
@@ -49,7 +49,11 @@ def long_rows(study, entries):
                 study=study, key=row["key"], label=label_of(label),
                 seed=c["seed"], dataset=c["dataset"], num_train=c["num_train"],
                 depth=c["depth"], width=c["width"], num_losses=c["num_losses"],
-                method=c["method"], nu=c["nu"], epochs=c["epochs"],
+                method=c["method"], weighting=c.get("weighting", "paper"),
+                weight_decay=c.get("weight_decay", 0.0),
+                train_accuracy=(row["train_accuracy"][head]
+                                if row.get("train_accuracy") else ""),
+                nu=c["nu"], epochs=c["epochs"],
                 batch_size=c["batch_size"], lr=c["lr"],
                 warmup_epochs=c["warmup_epochs"], head=head,
                 head_name=row["head_names"][head],
@@ -88,6 +92,14 @@ def paired(a, b):
     return out
 
 
+def _mean_train_accuracy(rows, head):
+    """Mean training-set accuracy of a head at the end of the runs that
+    recorded it (NaN if none did)."""
+    values = [r["train_accuracy"][head] for r in rows
+              if r.get("train_accuracy") and np.isfinite(r["train_accuracy"][head])]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def summarize(study, entries, spec, folder):
     """Writes runs.csv, summary.csv, paired.csv, table.md and plots."""
     os.makedirs(folder, exist_ok=True)
@@ -122,25 +134,29 @@ def summarize(study, entries, spec, folder):
                     mean_accuracy_trained=float(accs[ok].mean()) if ok.any() else float("nan"),
                     mean_epoch_seconds=float(np.mean([r["epoch_seconds"] for r in rows])),
                     mean_step_seconds=float(np.mean([r["step_seconds"] for r in rows])),
+                    mean_train_accuracy=_mean_train_accuracy(rows, head),
                 ))
-        for base in spec["baselines"]:
-            for other in spec["compare"]:
-                if base not in levels or other not in levels or base == other:
-                    continue
-                a = {r["config"]["seed"]: r for r in levels[other]}
-                b = {r["config"]["seed"]: r for r in levels[base]}
-                seeds = sorted(set(a) & set(b))
-                if not seeds:
-                    continue
-                heads_a = len(a[seeds[0]]["test_accuracy"])
-                heads_b = len(b[seeds[0]]["test_accuracy"])
-                head_list = ([-1] if spec.get("final_only") or heads_a != heads_b
-                             else range(heads_a))
-                for head in head_list:
-                    p = paired([a[s]["test_accuracy"][head] for s in seeds],
-                               [b[s]["test_accuracy"][head] for s in seeds])
-                    pairs.append(dict(group=gname, a=other, b=base,
-                                      head="final" if head == -1 else head, **p))
+        comparisons = spec.get("pairs") or [
+            (other, base) for base in spec["baselines"]
+            for other in spec["compare"]
+        ]
+        for other, base in comparisons:
+            if base not in levels or other not in levels or base == other:
+                continue
+            a = {r["config"]["seed"]: r for r in levels[other]}
+            b = {r["config"]["seed"]: r for r in levels[base]}
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            heads_a = len(a[seeds[0]]["test_accuracy"])
+            heads_b = len(b[seeds[0]]["test_accuracy"])
+            head_list = ([-1] if spec.get("final_only") or heads_a != heads_b
+                         else range(heads_a))
+            for head in head_list:
+                p = paired([a[s]["test_accuracy"][head] for s in seeds],
+                           [b[s]["test_accuracy"][head] for s in seeds])
+                pairs.append(dict(group=gname, a=other, b=base,
+                                  head="final" if head == -1 else head, **p))
     _write_csv(os.path.join(folder, "summary.csv"), ("group", "level") + SUMMARY_COLUMNS, summary)
     _write_csv(os.path.join(folder, "paired.csv"), PAIRED_COLUMNS, pairs)
     _write_markdown(study, spec, summary, pairs, entries, os.path.join(folder, "table.md"))
@@ -165,7 +181,8 @@ def _write_markdown(study, spec, summary, pairs, entries, path):
             f"{len(entries)} runs, seeds {seeds}; dataset {c['dataset']} "
             f"(train samples: {c['num_train'] or 'all'}), width {c['width']}, "
             f"{c['epochs']} epochs, batch {c['batch_size']}, lr {c['lr']} with "
-            f"{c['warmup_epochs']} warm-up epoch(s), /10 at {c['decay_at']} of the epochs. "
+            f"{c['warmup_epochs']} warm-up epoch(s), /10 at {c['decay_at']} of the epochs, "
+            f"coupled weight decay {c.get('weight_decay', 0.0):g}. "
             f"Failed = final-head test accuracy < 50% (counted, never dropped).",
             "",
         ]
@@ -190,6 +207,20 @@ def _write_markdown(study, spec, summary, pairs, entries, path):
             lines.append(f"| {level} | " + " | ".join(cells)
                          + f" | {rows[0]['n_failed']}/{rows[0]['n_runs']} |")
         lines.append("")
+    if any(np.isfinite(s["mean_train_accuracy"]) for s in summary):
+        lines += ["Training-set accuracy (%) at the end, mean over seeds, per head "
+                  "(convergence check):", ""]
+        for gname, levels in groups.items():
+            if gname:
+                lines += [f"**{gname}**", ""]
+            first = max(levels.values(), key=len)
+            head = [f"{factor}"] + [f"h{s['head']}@{s['head_depth']}" for s in first]
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "---|" * len(head))
+            for level, rows in levels.items():
+                lines.append(f"| {level} | " + " | ".join(
+                    _pct(r["mean_train_accuracy"]) for r in rows) + " |")
+            lines.append("")
     if pairs:
         lines += ["Paired differences a − b over the same seeds (points of accuracy), "
                   "95% t confidence interval, sign test (two-sided):", "",

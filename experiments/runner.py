@@ -79,26 +79,17 @@ def load_data(name, num_train):
     return _DATA[(name, num_train)]
 
 
-def _schedule(config, steps_per_epoch, epochs):
-    from experiments.schedule import WarmupStepDecay
-
-    return WarmupStepDecay(
-        peak=config["lr"],
-        warmup_steps=int(round(config["warmup_epochs"] * steps_per_epoch)),
-        decay_steps=sorted({
-            int(round(f * epochs * steps_per_epoch)) for f in config["decay_at"]
-        }),
-    )
-
-
 def _optimizer(config, steps_per_epoch, epochs):
-    import keras
+    """The recipe's SGD (`keras_mwbp.recipe`) with the config's schedule."""
+    from keras_mwbp import recipe
 
-    return keras.optimizers.SGD(
-        learning_rate=_schedule(config, steps_per_epoch, epochs),
-        momentum=0.9,
-        nesterov=True,
-    )
+    return recipe.sgd(recipe.learning_rate_schedule(
+        steps_per_epoch,
+        epochs,
+        peak=config["lr"],
+        drops=config["decay_at"],
+        warmup_epochs=config["warmup_epochs"],
+    ))
 
 
 def _EpochTimer():
@@ -120,7 +111,11 @@ def _EpochTimer():
 
 
 def _build(config, input_shape):
-    from experiments.nets import narrow_resnet
+    """The config's network: the zoo's CIFAR ResNet (1-D for MNIST-1D) with
+    stage widths `width, 2 width, 4 width`, the paper's head placement and
+    type-A heads. Configs written before `weighting` and `weight_decay`
+    existed mean "paper" and 0."""
+    from keras_mwbp.models import cifar_resnet
 
     nu = config["nu"]
     head_weights = None
@@ -132,15 +127,17 @@ def _build(config, input_shape):
         head_weights = [1.0] * config["num_losses"]
     else:
         nu_value = float(nu)
-    return narrow_resnet(
+    return cifar_resnet(
         config["depth"],
-        input_shape,
-        config["num_losses"],
+        num_losses=config["num_losses"],
+        input_shape=input_shape,
         width=config["width"],
         method=config["method"],
         nu=nu_value,
         head_weights=head_weights,
         shuffle_seed=config["seed"],
+        weighting=config.get("weighting", "paper"),
+        weight_decay=config.get("weight_decay", 0.0),
     )
 
 
@@ -201,7 +198,8 @@ def execute_group(configs, on_row):
         if config["nu"] in ("adaptive-I", "adaptive-II"):
             callbacks.append(AdaptiveNu(
                 config["nu"].split("-")[1],
-                boundaries=[int(round(f * epochs)) for f in config["decay_at"]],
+                boundaries=sorted({int(round(f * epochs))
+                                   for f in config["decay_at"]}),
             ))
         row = {"key": run_key(config), "config": config, "error": None,
                "head_names": names, "head_depths": depths, "head_params": params,
@@ -235,6 +233,7 @@ def execute_group(configs, on_row):
                     optimizer=_optimizer(config, steps, config["head_epochs"]),
                     batch_size=batch,
                     shuffle_seed=config["seed"],
+                    weight_decay=config.get("weight_decay", 0.0),
                 )
                 row["head_train_seconds"] = time.perf_counter() - start
             if row["error"] is None:
@@ -243,6 +242,14 @@ def execute_group(configs, on_row):
                     outputs = [outputs]
                 acc = [float(np.mean(np.argmax(o, axis=1) == y_test))
                        for o in outputs]
+                # Proof of convergence: each head's accuracy on the training
+                # set at the end (inference mode).
+                fitted = model.predict(x, batch_size=256, verbose=0)
+                if len(names) == 1:
+                    fitted = [fitted]
+                row["train_accuracy"] = [
+                    float(np.mean(np.argmax(o, axis=1) == y)) for o in fitted
+                ]
         except Exception as error:  # noqa: BLE001 - recorded, never dropped
             row["error"] = f"{type(error).__name__}: {error}"[:500]
             row["traceback"] = traceback.format_exc()[-2000:]

@@ -30,12 +30,14 @@ _NAMES = {
     "gammas_from_depths": "keras_mwbp.weighting",
     "place_heads": "keras_mwbp.placement",
     "train_heads": "keras_mwbp.train_heads",
+    "WarmupStepDecay": "keras_mwbp.warmup_step_decay",
 }
 # The modules whose import registers the classes saved in `.keras` files.
 _REGISTERING = (
     "keras_mwbp.multi_way_model",
     "keras_mwbp.callbacks",
     "keras_mwbp.anytime.anytime_model",
+    "keras_mwbp.warmup_step_decay",
 )
 
 __all__ = sorted(_NAMES)

@@ -24,6 +24,8 @@ import signal
 import sys
 import zipfile
 
+from keras_mwbp import recipe
+
 # Copies of keras_mwbp's constants, so that parsing arguments imports no
 # module that imports Keras (tests/test_cli_startup.py checks that they
 # match `keras_mwbp.multi_way_model.METHODS`, `CIFAR_RESNET_PRESETS`,
@@ -38,7 +40,7 @@ TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped")
 
 # Fractions of the run after which the learning rate is divided by 10 (the
 # paper's CIFAR recipe).
-LR_DROPS = (0.4, 0.6)
+LR_DROPS = recipe.LR_DROPS
 # `--model` names: a pattern, the builder in `keras_mwbp.models` and the
 # builder's arguments from the match's groups.
 MODELS = (
@@ -190,7 +192,7 @@ def add_train_parser(commands):
         # %-formatting (hence "%%" there).
         description="Train a network of the zoo with auxiliary heads and "
         "print each head's test accuracy. The recipe is the paper's: SGD "
-        "with Nesterov momentum 0.9, weight decay 1e-4, learning rate "
+        "with Nesterov momentum 0.9, coupled weight decay 1e-4, learning rate "
         f"divided by 10 after {drops} of the epochs. With --output-dir, "
         "rerunning the same command after a crash or Ctrl-C resumes at the "
         "step where it stopped.",
@@ -235,8 +237,10 @@ def add_train_parser(commands):
         + " of the epochs",
     )
     train.add_argument(
-        "--weight-decay", type=non_negative(float), default=1e-4,
-        help="decoupled weight decay of SGD",
+        "--weight-decay", type=non_negative(float),
+        default=recipe.WEIGHT_DECAY,
+        help="coupled (L2) weight decay, added to the gradient of every "
+        "update as in the authors' SGD (MultiWayModel's weight_decay)",
     )
     train.add_argument(
         "--seed", type=non_negative(int), default=0,
@@ -615,11 +619,11 @@ def _train(args, parser, config, interrupts):
         boundaries=boundaries,
         values=[args.lr / 10**k for k in range(len(LR_DROPS) + 1)],
     )
+    # The paper's recipe: Nesterov SGD, and coupled weight decay in every
+    # update of the method (the model's, as the authors' per-loss SGDs).
+    model.weight_decay = args.weight_decay
     model.compile(
-        optimizer=keras.optimizers.SGD(
-            learning_rate, momentum=0.9, nesterov=True,
-            weight_decay=args.weight_decay or None,
-        ),
+        optimizer=recipe.sgd(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )

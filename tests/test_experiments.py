@@ -105,8 +105,9 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path):
     bad = _run("nonsense", "--results", str(tmp_path), timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: `study` must be one of methods, depth, nu, losses, cost, "
-        "cifar10_resnet56. Received: 'nonsense'"]
+        "error: `study` must be one of pilot, resnet56_5, resnet_depth, "
+        "resnet56_nu, methods, depth, nu, losses, cost, cifar10_resnet56. "
+        "Received: 'nonsense'"]
     missing = str(tmp_path / "no_such_dir")
     cifar = _run("cifar10_resnet56", "--data-dir", missing,
                  "--results", str(tmp_path), timeout=120)
@@ -138,7 +139,7 @@ def test_paired_statistics_match_hand_computation():
 def test_warmup_step_decay_schedule():
     import keras
 
-    from experiments.schedule import WarmupStepDecay
+    from keras_mwbp import WarmupStepDecay
 
     schedule = WarmupStepDecay(0.1, warmup_steps=4, decay_steps=[10, 15])
     got = [float(schedule(s)) for s in (0, 1, 3, 4, 9, 10, 14, 15, 100)]

@@ -1,9 +1,9 @@
-"""The study's learning-rate schedule: linear warm-up, then step decay."""
+"""`WarmupStepDecay`: linear warm-up, then the rate divided by 10 at steps."""
 
 import keras
 
 
-@keras.saving.register_keras_serializable(package="experiments")
+@keras.saving.register_keras_serializable(package="keras_mwbp")
 class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then the rate divided by 10 at boundaries.
 
