@@ -1,7 +1,5 @@
 """`MultiWayModel`: a functional Keras model trained with Multi-way BP."""
 
-import math
-import numbers
 import types
 
 import keras
@@ -196,7 +194,7 @@ class MultiWayModel(keras.Model):
         _check_relay_span(relay_span)
         _check_weighting(weighting, method)
         _check_nan_policy(nan_policy)
-        weight_decay = _check_weight_decay(weight_decay)
+        weight_decay = loss_weights.check_weight_decay(weight_decay)
         shuffle_seed = data_order.check_seed(shuffle_seed)
         loss_weights.check_nu(nu)
         if not isinstance(outputs, (list, tuple)):
@@ -828,20 +826,6 @@ def _check_nan_policy(nan_policy):
             f"`nan_policy` must be one of {NAN_POLICIES}. "
             f"Received: nan_policy={nan_policy!r}"
         )
-
-
-def _check_weight_decay(weight_decay):
-    if (
-        isinstance(weight_decay, bool)
-        or not isinstance(weight_decay, numbers.Real)
-        or not math.isfinite(weight_decay)
-        or weight_decay < 0
-    ):
-        raise ValueError(
-            "`weight_decay` must be a finite non-negative number. "
-            f"Received: weight_decay={weight_decay!r}"
-        )
-    return float(weight_decay)
 
 
 def _check_weighting(weighting, method):

@@ -4,13 +4,14 @@ Paper footnote 3 (Guo et al. 2020): the intermediate models of standard BP
 are compared after their auxiliary heads are trained on the frozen trunk.
 """
 
-import math
 import numbers
 import sys
 import types
 
 import keras
 import numpy as np
+
+from keras_mwbp.weighting import check_weight_decay
 
 
 def train_heads(
@@ -97,16 +98,7 @@ def train_heads(
             "`shuffle_seed` must be a non-negative integer or None. "
             f"Received: shuffle_seed={shuffle_seed!r}"
         )
-    if (
-        isinstance(weight_decay, bool)
-        or not isinstance(weight_decay, numbers.Real)
-        or not math.isfinite(weight_decay)
-        or weight_decay < 0
-    ):
-        raise ValueError(
-            "`weight_decay` must be a finite non-negative number. "
-            f"Received: weight_decay={weight_decay!r}"
-        )
+    weight_decay = check_weight_decay(weight_decay)
     heads = _check_heads(heads, len(outputs) - 1)
     arrays = _check_data(data)
     if optimizer is None:

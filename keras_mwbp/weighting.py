@@ -50,6 +50,22 @@ def check_nu(nu):
         )
 
 
+def check_weight_decay(weight_decay):
+    """The coupled weight decay as a float; `ValueError` unless it is a
+    finite non-negative number."""
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, numbers.Real)
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
+        raise ValueError(
+            "`weight_decay` must be a finite non-negative number. "
+            f"Received: weight_decay={weight_decay!r}"
+        )
+    return float(weight_decay)
+
+
 def check_head_weights(head_weights, num_outputs):
     """Validates explicit loss weights and returns them as floats.
 

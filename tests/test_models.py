@@ -167,8 +167,31 @@ def test_single_loss_model_trains_with_standard():
         ({"depth": 20, "num_losses": 3, "taps": [4, 9]}, "taps"),
         ({"depth": 20, "num_losses": 3, "taps": [0, 4]}, "taps"),
         ({"depth": 20, "num_losses": 2, "taps": 4}, "taps"),
+        ({"depth": 8, "width": 0}, "width"),
+        ({"depth": 8, "width": 2.5}, "width"),
     ],
 )
 def test_bad_arguments_raise(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`.*Received: {argument}="):
         cifar_resnet(input_shape=(8, 8, 1), **kwargs)
+
+
+def test_one_dimensional_input_builds_conv1d_layers():
+    """A `(length, channels)` input builds the network from Conv1D layers
+    (same names and head depths, kernels with one spatial axis); `width`
+    sets the stage widths and other arguments reach MultiWayModel; an input
+    without a channel axis gets one clear error."""
+    one_d = cifar_resnet(20, num_losses=3, input_shape=(40, 1), width=8,
+                         weighting="reference_code", weight_decay=1e-4)
+    convs = [l for l in one_d.layers if "conv" in l.name]
+    assert convs and all(isinstance(l, keras.layers.Conv1D) for l in convs)
+    assert one_d.head_depths == (7, 13, 20)
+    assert [one_d.get_layer(f"block_{b}_conv2").filters for b in (1, 4, 7)] \
+        == [8, 16, 32]
+    assert (one_d.weighting, one_d.weight_decay) == ("reference_code", 1e-4)
+    # Conv kernels: 3 * c_in * c_out (1-D) against 9 * c_in * c_out (2-D).
+    kernels = {l.name: l.kernel.shape for l in convs}
+    assert kernels["block_4_conv1"] == (3, 8, 16)
+    with pytest.raises(ValueError, match=r"Received: a feature of shape "
+                       r"\(None, 40\) before layer 'stem_conv'"):
+        cifar_resnet(8, input_shape=(40,))
