@@ -308,9 +308,16 @@ def test_reference_code_weighting_matches_reference(
     _check_against_reference(network_name, method, weighting="reference_code")
 
 
-WEIGHTED_METHODS = [m for m in METHODS if m != "standard"]
-DECAY_CASES = [(m, "paper") for m in METHODS] + [
-    (m, "reference_code") for m in WEIGHTED_METHODS
+# Every code path of the update under each weighting: the one update
+# (standard, joint), the summed per-loss gradients (relay; joint under
+# "reference_code"), the re-linearized per-loss updates (mwbp) and those from
+# a new forward pass (naive), in both orders.
+DECAY_CASES = [
+    ("standard", "paper"), ("joint", "paper"), ("relay", "paper"),
+    ("mwbp", "paper"), ("naive_mwbp", "paper"),
+    ("joint", "reference_code"), ("relay", "reference_code"),
+    ("mwbp", "reference_code"), ("naive_reverse_mwbp", "reference_code"),
+    ("reverse_mwbp", "reference_code"),
 ]
 
 
