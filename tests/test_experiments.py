@@ -195,3 +195,50 @@ def test_resumption_logic_without_training(tmp_path, monkeypatch):
     assert [(r["level"], r["n_runs"], r["n_failed"]) for r in rows] == [
         ("standard", "2", "1"), ("joint", "2", "1")]
     assert [float(r["mean_accuracy"]) for r in rows] == pytest.approx([0.45, 0.45])
+
+
+def test_paper_depth_studies_are_the_issue_s_settings_with_the_recipe():
+    """The studies at the paper's depth: settings, 8 paired seeds in blocks
+    of 4 (every setting's seeds 0-3 before any seed 4-7), the recipe of
+    keras_mwbp.recipe, and settings that two studies share have the same
+    config (so a run is done once)."""
+    from experiments import runner
+    from experiments.studies import paper_study_configs
+
+    from keras_mwbp import recipe
+
+    def settings(study):
+        groups, spec = paper_study_configs(study)
+        labels = []
+        for group in groups:
+            label = group[0][0]
+            if label not in labels:
+                labels.append(label)
+        return groups, spec, labels
+
+    groups, spec, labels = settings("resnet56_5")
+    assert [l["training"] for l in labels] == [
+        "standard", "joint:paper", "joint:code", "relay:paper", "relay:code",
+        "mwbp:paper", "mwbp:code", "naive_mwbp:paper", "naive_mwbp:code"]
+    assert [[c["seed"] for _, c in g] for g in groups] == (
+        [[0, 1, 2, 3]] * 9 + [[4, 5, 6, 7]] * 9)
+    config = groups[0][0][1]
+    assert (config["depth"], config["width"], config["num_losses"],
+            config["num_train"]) == (56, 16, 5, 0)
+    assert (config["lr"], config["batch_size"], config["weight_decay"],
+            tuple(config["decay_at"]), config["nu"]) == (
+        recipe.LEARNING_RATE, recipe.BATCH_SIZE, recipe.WEIGHT_DECAY,
+        recipe.LR_DROPS, recipe.NU)
+    assert ("mwbp:code", "joint:code") in spec["pairs"]
+    assert ("mwbp:paper", "joint:paper") in spec["pairs"]
+    keys_a = {runner.run_key(c) for g in groups for _, c in g}
+    assert len(keys_a) == 72
+    depth_groups, _, depth_labels = settings("resnet_depth")
+    assert sorted({l["depth"] for l in depth_labels}) == [20, 56, 110]
+    keys_b = {runner.run_key(c) for g in depth_groups for _, c in g}
+    assert len(keys_b) == 96 and len(keys_b & keys_a) == 32
+    nu_groups, _, nu_labels = settings("resnet56_nu")
+    assert [l["nu"] for l in nu_labels] == ["0.5", "1.0", "2.0", "5.0",
+                                            "adaptive-II"]
+    keys_c = {runner.run_key(c) for g in nu_groups for _, c in g}
+    assert len(keys_c) == 40 and len(keys_c & keys_a) == 8
