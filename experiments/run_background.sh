@@ -21,7 +21,11 @@ export TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH="$tree"
 commit_results() {
   cd "$main" || return
   local paths=()
-  for study in "$@"; do paths+=("experiments/results/$study"); done
+  for study in "$@"; do  # Only the studies that have begun (a pathspec
+    # that matches nothing would stop `git add`).
+    [ -d "experiments/results/$study" ] && paths+=("experiments/results/$study")
+  done
+  [ ${#paths[@]} -gt 0 ] || return
   git add -- "${paths[@]}" 2>/dev/null || return
   git diff --cached --quiet -- "${paths[@]}" && return
   local n; n=$(git diff --cached --name-only -- "${paths[@]}" | grep -c '/runs/.*\.json$')
