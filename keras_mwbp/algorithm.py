@@ -195,9 +195,10 @@ class TrainingStep:
                 grads = self.fresh_gradients(step, i, data, variables, gammas)
             decay = None
             if model.weighting == "reference_code":
-                factors = reference_code_scales(model, i, variables, gammas)
+                factors, decay = reference_code_scales(
+                    model, i, variables, gammas
+                )
                 grads = [g * factor for g, factor in zip(grads, factors)]
-                decay = reference_code_decay_scales(model, i, variables, gammas)
             self.apply(i, grads, variables, after=after, head=i, decay=decay)
             updated.update(id(v) for v in variables)
 
@@ -246,7 +247,7 @@ class TrainingStep:
                 variables = [v for v in variables if id(v) in reach]
             grads = step.gradients(seed, variables)
             if model.weighting == "reference_code":
-                factors = reference_code_scales(model, i, variables, gammas)
+                factors, _ = reference_code_scales(model, i, variables, gammas)
                 grads = [g * factor for g, factor in zip(grads, factors)]
             for v, g in zip(variables, grads):
                 totals[id(v)] = g + totals[id(v)] if id(v) in totals else g
@@ -361,28 +362,26 @@ def objective_coefficients(model, gammas):
 
 
 def reference_code_scales(model, index, variables, gammas):
-    """The authors' code's factor of loss `index`'s gradient per variable: 1
-    on an auxiliary head's own variables, gamma_i divided by the sum of
-    gamma_j for j = i .. K-1 on the trunk, 1 for the final loss."""
+    """The authors' code's factors of loss `index`, per variable: of its
+    gradient, 1 on an auxiliary head's own variables, gamma_i divided by
+    the sum of gamma_j for j = i .. K-1 on the trunk, 1 for the final loss;
+    and of its weight decay, 1 / that sum on the trunk (the authors divide
+    the trunk's learning rate by it), 1 elsewhere.
+
+    Returns:
+        `(gradient factors, decay factors)`, one list per kind.
+    """
     last = model.num_heads - 1
     if index == last:
-        return [1.0] * len(variables)
+        return [1.0] * len(variables), [1.0] * len(variables)
     trunk = {id(v) for v in model._head_graph.loss_variables[last]}
-    normalized = gammas[index] / sum(gammas[index:last])
-    return [normalized if id(v) in trunk else 1.0 for v in variables]
-
-
-def reference_code_decay_scales(model, index, variables, gammas):
-    """The authors' code's factor of loss `index`'s weight decay per
-    variable: it divides the trunk's learning rate of an auxiliary loss i by
-    the sum of gamma_j for j = i .. K-1, and with it the decay; 1 on an
-    auxiliary head's own variables and for the final loss."""
-    last = model.num_heads - 1
-    if index == last:
-        return [1.0] * len(variables)
-    trunk = {id(v) for v in model._head_graph.loss_variables[last]}
-    rate = 1.0 / sum(gammas[index:last])
-    return [rate if id(v) in trunk else 1.0 for v in variables]
+    total = sum(gammas[index:last])
+    gradient, decay = gammas[index] / total, 1.0 / total
+    on_trunk = [id(v) in trunk for v in variables]
+    return (
+        [gradient if t else 1.0 for t in on_trunk],
+        [decay if t else 1.0 for t in on_trunk],
+    )
 
 
 def add_weight_decay(reg_grads, variables, weight_decay, factors=None):
