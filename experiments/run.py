@@ -34,6 +34,9 @@ def _parser():
     p.add_argument("--reverse", action="store_true",
                    help="run the study's groups last to first (a second "
                         "process on the same study then meets the first)")
+    p.add_argument("--first", default="",
+                   help="comma-separated settings of the study's factor to run "
+                        "before the others (e.g. mwbp:code,joint:code)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the reports from the finished runs; train nothing")
     p.add_argument("--data-dir", default=None, help="cifar10_resnet56: tfds data dir")
@@ -59,14 +62,14 @@ def _set_threads(threads):
         tf.config.list_logical_devices()
 
 
-def run_study(study, quick, results, report_only=False, reverse=False):
+def run_study(study, quick, results, report_only=False, reverse=False, first=()):
     from experiments import report
     from experiments import runner
     from experiments.studies import study_configs
 
     groups, spec = study_configs(study, quick)
     folder = os.path.join(results, study)
-    entries, todo, reused = [], [], 0
+    todo, reused = [], 0
     for group in groups:
         pending = []
         for label, config in group:
@@ -75,8 +78,6 @@ def run_study(study, quick, results, report_only=False, reverse=False):
             reused += copied
             if row is None:
                 pending.append((label, config))
-            else:
-                entries.append((label, row))
         if pending:
             todo.append(pending)
     total = sum(len(g) for g in groups)
@@ -85,19 +86,23 @@ def run_study(study, quick, results, report_only=False, reverse=False):
         # Groups that another study shares (same configs) run last, and each
         # group is looked up again just before it runs: a study running at
         # the same time may have finished it meanwhile.
-        todo.sort(key=lambda g: bool(spec.get("shared", ())) and
-                  str(g[0][0].get(spec["factor"])) in spec["shared"])
-        if reverse:
+        # Groups whose setting is in `first` (the study's factor, e.g.
+        # "mwbp:code") run before all others.
+        def rank(group):
+            setting = str(group[0][0].get(spec["factor"]))
+            return (setting not in first,
+                    bool(spec.get("shared", ())) and setting in spec["shared"])
+
+        if reverse:  # Before the sort, which keeps this order within a rank.
             todo.reverse()
+        todo.sort(key=rank)
         for pending in todo:
             still = []
             for label, config in pending:
                 row, copied = runner.find_finished(results, study, runner.run_key(config))
+                reused += copied
                 if row is None:
                     still.append((label, config))
-                else:
-                    entries.append((label, row))
-                    reused += copied
             pending = still
             if not pending:
                 continue
@@ -107,32 +112,41 @@ def run_study(study, quick, results, report_only=False, reverse=False):
                 nonlocal new
                 path = os.path.join(folder, "runs", f"{row['key']}.json")
                 runner.write_json_atomic(path, row)
-                entries.append((labels[row["key"]], row))
                 new += 1
                 acc = " ".join(f"{a:.3f}" for a in row["test_accuracy"])
                 print(f"[{time.strftime('%H:%M:%S')}] {study} {report.label_of(labels[row['key']])} "
                       f"seed={row['config']['seed']}: {acc}"
                       f"{' FAILED' if row['failed'] else ''}"
                       f"{' ' + row['error'] if row['error'] else ''}", flush=True)
-                report.summarize(study, _ordered(entries, groups), spec, folder)
+                # The reports from every finished run on disk, not from this
+                # process's view: a second worker on the same study finishes
+                # runs this one never sees in memory, and its reports would
+                # otherwise be overwritten by a partial one.
+                report.summarize(study, _finished(results, study, groups), spec, folder)
 
             runner.execute_group([c for _, c in pending], on_row)
+    entries = _finished(results, study, groups)
     if entries:
-        report.summarize(study, _ordered(entries, groups), spec, folder)
-    print(f"study {study}: {total} runs, {total - new} already done "
-          f"({reused} copied from other studies), {new} new; results in {folder}",
-          flush=True)
+        report.summarize(study, entries, spec, folder)
+    print(f"study {study}: {total} runs, {len(entries) - new} already done "
+          f"({reused} copied from other studies), {new} new, "
+          f"{total - len(entries)} to do; results in {folder}", flush=True)
     return new
 
 
-def _ordered(entries, groups):
-    order = {}
+def _finished(results, study, groups):
+    """`(label, row)` of every finished run of the study, in the study's
+    order, read from disk (this study's runs, and those of other studies
+    that share a config, which are copied in)."""
+    from experiments import runner
+
+    entries = []
     for group in groups:
         for label, config in group:
-            from experiments.runner import run_key
-
-            order[run_key(config)] = len(order)
-    return sorted(entries, key=lambda e: order.get(e[1]["key"], 1 << 30))
+            row, _ = runner.find_finished(results, study, runner.run_key(config))
+            if row is not None:
+                entries.append((label, row))
+    return entries
 
 
 def main(argv=None):
@@ -159,7 +173,8 @@ def main(argv=None):
 
         return cifar10_resnet56.main(args, results, _set_threads)
     _set_threads(args.threads)
-    run_study(args.study, args.quick, results, args.report_only, args.reverse)
+    first = tuple(s for s in args.first.split(",") if s)
+    run_study(args.study, args.quick, results, args.report_only, args.reverse, first)
     return 0
 
 

@@ -10,7 +10,8 @@
 # out of the commits). PROCESSES workers (1 thread each) share each study:
 # the odd ones take its groups last to first (--reverse), and a run another
 # worker finished is never redone. Logs: experiments/results/<study>/log*.txt
-# (not committed). Stop with: kill -- -$(cat /tmp/mwbp_background.pid)
+# (not committed). FIRST=mwbp:code,joint:code (settings of the study's
+# factor) runs those settings before the others. Stop with: kill -- -$(cat /tmp/mwbp_background.pid)
 set -u
 commit=$(git rev-parse "$1"); processes=$2; shift 2
 main=$(git rev-parse --show-toplevel)
@@ -42,6 +43,7 @@ for study in "$@"; do
   for ((p = 0; p < processes; p++)); do
     flag=""; [ $((p % 2)) -eq 1 ] && flag="--reverse"
     (cd "$tree" && python -m experiments.run "$study" --results "$results" $flag \
+      --first "${FIRST:-}" \
       >> "$results/$study/log$p.txt" 2>&1) &
     pids+=($!)
   done

@@ -158,11 +158,12 @@ def test_resumption_logic_without_training(tmp_path, monkeypatch):
     from experiments import run
     from experiments import runner
 
-    calls = []
+    calls, methods = [], []
 
     def fake_execute_group(configs, on_row):
         for config in configs:
             calls.append(config["seed"])
+            methods.append(config)
             on_row(dict(
                 key=runner.run_key(config), config=config, error=None,
                 head_names=["head_0_dense", "head_1_dense", "final_dense"],
@@ -177,6 +178,7 @@ def test_resumption_logic_without_training(tmp_path, monkeypatch):
     results = str(tmp_path)
     assert run.run_study("methods", True, results) == 4
     assert calls == [0, 1, 0, 1]
+    assert [c["method"] for c in methods] == ["standard", "standard", "joint", "joint"]
     assert run.run_study("methods", True, results) == 0
     assert calls == [0, 1, 0, 1]
     folder = os.path.join(results, "methods", "runs")
@@ -195,6 +197,54 @@ def test_resumption_logic_without_training(tmp_path, monkeypatch):
     assert [(r["level"], r["n_runs"], r["n_failed"]) for r in rows] == [
         ("standard", "2", "1"), ("joint", "2", "1")]
     assert [float(r["mean_accuracy"]) for r in rows] == pytest.approx([0.45, 0.45])
+
+
+def test_first_settings_run_first_and_reports_hold_other_workers_runs(
+        tmp_path, monkeypatch):
+    """`--first` runs the named settings before the others; the reports are
+    written from every finished run on disk, including one that another
+    worker finished while this one ran (its in-memory view lacks it)."""
+    import csv
+
+    from experiments import run
+    from experiments import runner
+
+    results = str(tmp_path)
+    order = []
+
+    def fake_execute_group(configs, on_row):
+        for config in configs:
+            order.append((config["method"], config["seed"]))
+            if len(order) == 1:  # Meanwhile another worker finishes a run.
+                other = dict(config, method="standard", seed=1)
+                runner.write_json_atomic(os.path.join(
+                    results, "methods", "runs", f"{runner.run_key(other)}.json"),
+                    _fake_row(runner, other))
+            on_row(_fake_row(runner, config))
+
+    monkeypatch.setattr(runner, "execute_group", fake_execute_group)
+    assert run.run_study("methods", True, results, first=("joint",)) == 3
+    assert order == [("joint", 0), ("joint", 1), ("standard", 0)]
+    # A second worker (--reverse) takes the named settings first too.
+    for name in os.listdir(os.path.join(results, "methods", "runs")):
+        os.remove(os.path.join(results, "methods", "runs", name))
+    order.clear()
+    run.run_study("methods", True, results, reverse=True, first=("standard",))
+    assert [m for m, _ in order] == ["standard", "standard", "joint", "joint"]
+    with open(os.path.join(results, "methods", "runs.csv")) as f:
+        rows = {(r["label"], r["seed"]) for r in csv.DictReader(f)}
+    assert rows == {(f"method={m}", s) for m in ("standard", "joint") for s in "01"}
+
+
+def _fake_row(runner, config):
+    return dict(
+        key=runner.run_key(config), config=config, error=None,
+        head_names=["head_0_dense", "head_1_dense", "final_dense"],
+        head_depths=[3, 5, 8], head_params=[10, 20, 30],
+        test_accuracy=[0.5, 0.6, 0.7], failed=False,
+        epoch_seconds=1.0, step_seconds=0.1, first_epoch_seconds=2.0,
+        fit_seconds=3.0, head_train_seconds=0.0,
+    )
 
 
 def test_paper_depth_studies_are_the_issue_s_settings_with_the_recipe():
