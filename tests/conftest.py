@@ -11,6 +11,21 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _xdist_scheduling import one_worker_files_hook  # noqa: E402
+
+# Files whose module-scoped fixtures are costly (child processes, several
+# trainings) run whole on one xdist worker under `--dist loadgroup`, so those
+# fixtures are built once, not once per worker (_xdist_scheduling.py says why
+# xdist's own `xdist_group` mark is not used).
+ONE_WORKER_FILES = (
+    "test_atomic_saving.py",  # the crashed runs
+    "test_authors_loop.py",  # every method's runs, reused by the differences test
+    "test_cli_resume.py",  # the uninterrupted and interrupted CLI runs
+    "test_cross_backend_saving.py",  # the checkpoints of every backend
+    "test_progbar_logger.py",  # the child run in a terminal
+    "test_resume.py",  # the SIGKILLed and restarted children
+)
+pytest_xdist_make_scheduler = one_worker_files_hook(ONE_WORKER_FILES)
 
 # Tests of TensorFlow-only machinery (tf.distribute, tf.data pipelines,
 # TensorFlow's fused BatchNorm kernels, graph-mode op ordering).

@@ -22,10 +22,8 @@ from conftest import mlp_data
 from keras_mwbp.callbacks.model_checkpoint import ModelCheckpoint
 from keras_mwbp.saving import save_model
 
-# One worker runs the whole module (`--dist loadgroup`), so its
-# module-scoped fixtures (the crashed runs) are built once, not once
-# per worker.
-pytestmark = pytest.mark.xdist_group("atomic_saving")
+# One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
+# module-scoped fixtures are built once, not once per worker.
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent

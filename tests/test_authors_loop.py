@@ -42,9 +42,8 @@ import authors_loop  # noqa: E402
 
 from keras_mwbp.models import cifar_resnet  # noqa: E402
 
-# One xdist worker runs the module: the runs are cached per module (the
-# differences test reuses every method's), not repeated per worker.
-pytestmark = pytest.mark.xdist_group("authors_loop")
+# One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
+# module-scoped fixtures are built once, not once per worker.
 
 METHODS = authors_loop.METHODS
 DEPTH, BLOCKS_PER_STAGE, NUM_LOSSES = 8, 1, 3

@@ -15,10 +15,8 @@ import pytest
 from keras_mwbp import MultiWayModel
 from keras_mwbp.cli import main
 
-# One worker runs the whole module (`--dist loadgroup`), so its
-# module-scoped fixtures (the uninterrupted and interrupted runs) are
-# built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("cli_resume")
+# One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
+# module-scoped fixtures are built once, not once per worker.
 
 # ResNet-8 on the 1347 training digits in batches of 256: 6 steps an epoch.
 ARGS = ["train", "--depth", "8", "--losses", "2", "--epochs", "2",

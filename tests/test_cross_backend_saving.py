@@ -26,9 +26,8 @@ import textwrap
 import numpy as np
 import pytest
 
-# One worker runs the whole module (`--dist loadgroup`), so its module-
-# level runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("cross_backend_saving")
+# One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
+# module-scoped fixtures are built once, not once per worker.
 
 BACKENDS = ("tensorflow", "jax", "torch")
 for _name in BACKENDS:

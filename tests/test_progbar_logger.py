@@ -28,10 +28,8 @@ from conftest import mlp_data
 from conftest import mlp_model
 from conftest import sparse_ce
 
-# One worker runs the whole module (`--dist loadgroup`), so its
-# module-scoped fixtures (the child run in a terminal) are built once, not once
-# per worker.
-pytestmark = pytest.mark.xdist_group("progbar_logger")
+# One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
+# module-scoped fixtures are built once, not once per worker.
 
 HEADS = ["head_0", "head_1", "head_2", "head_3", "final"]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

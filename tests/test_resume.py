@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# One worker runs the whole module (`--dist loadgroup`), so its module-
-# level runs happen once, not once per worker.
-pytestmark = pytest.mark.xdist_group("resume")
+# One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
+# module-scoped fixtures are built once, not once per worker.
 
 CHILD = Path(__file__).with_name("_resume_child.py")
 ROOT = Path(__file__).resolve().parents[1]
