@@ -24,7 +24,9 @@ pytest_xdist_make_scheduler = one_worker_files_hook(["test_costly.py"])
 """
 
 # Each test records the worker it ran on, and the module fixture records
-# each time it is built, in files named after the worker and the test.
+# each time it is built, in files named after the worker and the test. The
+# tests of test_plain.py wait for each other across the workers, so they pass
+# only if both workers run some of them, however loaded the machine.
 LOGGED = """
 import os
 import time
@@ -47,8 +49,15 @@ def costly():
 
 @pytest.mark.parametrize("i", range(12))
 def test_it(costly, i):
-    time.sleep(0.05)  # Long enough that both workers take work.
     _log("{name}_test")
+    if "{name}" == "plain":
+        # Waits until the other worker has run a test of this file too: a
+        # file kept whole on one worker would never get there (timeout).
+        deadline = time.time() + 120
+        while not any(n.startswith("plain_test-") and f"-{{WORKER}}-" not in n
+                      for n in os.listdir(LOG)):
+            assert time.time() < deadline, "the other worker ran no test of this file"
+            time.sleep(0.02)
 """
 
 
