@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_mwbp
 from conftest import tensorflow_only
 from keras_mwbp.models import cifar_resnet
 
@@ -68,3 +69,57 @@ def test_compiled_steps_equal_eager_steps_on_a_resnet(float64_keras, method):
     assert moved > 1e-2  # Training changed the weights.
     for compiled, eager in zip(*weights):
         np.testing.assert_allclose(compiled, eager, rtol=1e-10, atol=1e-12)
+
+
+def _mixed_layers_model(method):
+    """3 heads over a depthwise convolution, a grouped convolution (2
+    groups) and a concatenation with an earlier feature map: the kinds of
+    layers of the zoo's MobileNetV2, ResNeXt and DenseNet (MobileNetV2's
+    smoke test in test_zoo.py trains eagerly)."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 4))
+    a = layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inputs)
+    b = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(a)
+    b = layers.ReLU()(layers.BatchNormalization(name="bn")(b))
+    h0 = layers.Dense(3, name="h0")(layers.GlobalAveragePooling2D()(b))
+    c = layers.Conv2D(4, 3, padding="same", groups=2, activation="relu",
+                      name="grouped")(b)
+    c = layers.Concatenate()([a, c])
+    h1 = layers.Dense(3, name="h1")(layers.GlobalAveragePooling2D()(c))
+    d = layers.Conv2D(4, 3, strides=2, padding="same", activation="relu",
+                      name="c2")(c)
+    final = layers.Dense(3, name="final")(layers.GlobalAveragePooling2D()(d))
+    return keras_mwbp.MultiWayModel(inputs, [h0, h1, final], method=method)
+
+
+@tensorflow_only
+@pytest.mark.parametrize("method", ["mwbp", "naive_mwbp"])
+def test_compiled_steps_equal_eager_steps_on_depthwise_grouped_concat(
+        float64_keras, method):
+    rng = np.random.default_rng(1)
+    batches = [(rng.normal(size=(8, 8, 8, 4)), rng.integers(0, 3, 8))
+               for _ in range(3)]
+    keras.utils.set_random_seed(0)
+    weights, initial = [], None
+    for run_eagerly in (False, True):
+        model = _mixed_layers_model(method)
+        if initial is None:
+            initial = model.get_weights()
+        else:
+            model.set_weights(initial)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=run_eagerly,
+        )
+        for x, y in batches:
+            model.train_on_batch(x, y)
+        weights.append(model.get_weights())
+    paths = [v.path for v in model.weights]
+    trainable = {v.path for v in model.trainable_variables}
+    still = [path for path, after, before in zip(paths, weights[0], initial)
+             if path in trainable and np.max(np.abs(after - before)) < 1e-3]
+    assert still == []  # Every trainable variable moved.
+    for path, compiled, eager in zip(paths, *weights):
+        np.testing.assert_allclose(compiled, eager, rtol=1e-10, atol=1e-12,
+                                   err_msg=path)

@@ -101,6 +101,14 @@ TINY = {
 }
 
 
+# Trained eagerly: tracing its MW-BP step is most of the cost (on 2 cores,
+# 59 s compiled, 18 s eager). The compiled step of its kind of layer (the
+# depthwise convolution) equals the eager one in float64
+# (test_compiled_step.py). The others train compiled; ResNeXt eagerly would
+# be slower (TensorFlow compiles each grouped convolution call with XLA).
+EAGER = {"mobilenet_v2"}
+
+
 @pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_mwbp_training_moves_every_weight_and_lowers_every_loss(family):
@@ -113,7 +121,8 @@ def test_mwbp_training_moves_every_weight_and_lowers_every_loss(family):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
     y = np.array([1, 4, 0, 2])
-    logs = assert_learns(model, x, y, metrics=["accuracy"])
+    logs = assert_learns(model, x, y, metrics=["accuracy"],
+                         run_eagerly=family in EAGER)
     for name in model.output_names:
         assert len(logs[f"{name}_accuracy"]) == len(logs["loss"])
 
