@@ -249,7 +249,7 @@ def run(method, weighting="paper", weight_decay=0.0):
     initial)` weights (Keras layout; torch's running variances converted to
     Keras's convention) and the reference's smallest |ReLU input|."""
     key = (method, weighting, weight_decay)
-    if key in _RUNS:
+    if key in _RUNS:  # Each option trains once per test process.
         return _RUNS[key]
     model = keras_model(method, weighting, weight_decay)
     torch.manual_seed(0)
@@ -284,9 +284,10 @@ def run(method, weighting="paper", weight_decay=0.0):
     decay = BN_MOMENTUM ** STEPS
     for index, (name, _, _, kind, n) in enumerate(pairs):
         if kind == "variance":
-            key, start = f"{name}/{index}", initial[f"{name}/{index}"]
-            trained_torch[key] = (
-                decay * start + (trained_torch[key] - decay * start)
+            entry = f"{name}/{index}"
+            start = initial[entry]
+            trained_torch[entry] = (
+                decay * start + (trained_torch[entry] - decay * start)
                 * (n - 1) / n
             )
     _RUNS[key] = trained_keras, trained_torch, initial, relu.margin
