@@ -1,7 +1,10 @@
 """Child process of `test_resume.py`: trains a small MultiWayModel on digits
 and may SIGKILL itself at a given training step (or while writing a backup).
 
-Usage: python _resume_child.py METHOD MODE WORKDIR KILL_AT OUT
+Usage: python _resume_child.py JOBS
+  JOBS: a JSON list of runs [METHOD, MODE, WORKDIR, KILL_AT, OUT], done in
+  turn in this process (each after `keras.backend.clear_session()`, from a
+  model built anew); only the last may be killed.
   MODE: none (no backup), ours (keras_mwbp BackupAndRestore, every 3
   batches), ours_epoch, keras_bar (keras.callbacks.BackupAndRestore, per
   epoch), keras_bar_steps (the same, every 3 batches), checkpoint
@@ -96,8 +99,7 @@ def kill_in_save(at):
     backup_and_restore.np.savez = savez
 
 
-def main():
-    method, mode, workdir, kill_at, out = sys.argv[1:6]
+def run(method, mode, workdir, kill_at, out):
     kill_at = int(kill_at)
     (x, y), _ = load_digits()
     x, y = x[:256].reshape(256, -1), y[:256]
@@ -147,6 +149,13 @@ def main():
         {k: [float(v) for v in vs] for k, vs in history.history.items()}))
     arrays["history_epochs"] = np.array(history.epoch)
     np.savez(out, **arrays)
+
+
+def main():
+    jobs = json.loads(sys.argv[1])
+    for job in jobs:
+        keras.backend.clear_session()
+        run(*job)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ trained on for three steps, and a new model resumes the backup's `fit` for
 its last three steps. Each result equals training on in the first backend
 within float32 round-off, for every ordered pair of backends, with every
 weight, BatchNorm statistic and per-loss optimizer state (moments, step
-counts) carried over. Each run is a process of its own. The convolutions in
+counts) carried over. Each run is a process of its own: one per backend
+writes its checkpoints, and one per backend trains on from those of the two
+others (6 processes, not one per ordered pair). The convolutions in
 front of a BatchNorm have no bias: its true gradient is zero, and Adam turns
 a gradient of pure round-off into a step of the learning rate's size, which
 differs between backends beyond any round-off tolerance.
@@ -42,7 +44,7 @@ SCRIPT = textwrap.dedent(
     import keras
     import keras_mwbp
 
-    mode, path, backup, out = sys.argv[1:5]
+    mode, out, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(8, 6, 6, 2)).astype("float32"),
                 rng.integers(0, 3, 8)) for _ in range(5)]
@@ -100,8 +102,8 @@ SCRIPT = textwrap.dedent(
         model.fit(fit_x, fit_y, batch_size=8, epochs=1, verbose=0,
                   callbacks=callbacks + ([StopAt()] if stop else []))
 
-    result = {"backend": keras.backend.backend()}
-    if mode == "start":
+    def start(path, backup):
+        result = {"backend": keras.backend.backend()}
         model = build()
         train(model, batches[:2])
         model.save(path)
@@ -118,7 +120,10 @@ SCRIPT = textwrap.dedent(
         resumed = build()
         fit(resumed, backup + ".first", stop=False)
         result["backup_continued"] = state(resumed)
-    else:
+        return result
+
+    def resume(path, backup):
+        result = {"backend": keras.backend.backend()}
         model = keras.saving.load_model(path)
         result["loaded"] = state(model)
         train(model, batches[2:])
@@ -126,19 +131,26 @@ SCRIPT = textwrap.dedent(
         resumed = build()
         fit(resumed, backup, stop=False)
         result["backup_continued"] = state(resumed)
+        return result
+
+    # One process per backend and mode: "start" writes the checkpoints of
+    # one folder; "resume" trains on from those of each folder in turn.
+    results = {}
+    for folder in folders:
+        run = start if mode == "start" else resume
+        results[folder] = run(folder + "/model.keras", folder + "/backup")
     with open(out, "w") as f:
-        json.dump(result, f)
+        json.dump(results, f)
     """
 )
 
 
-def _run(backend, mode, folder, out):
+def _run(backend, mode, folders, out):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=str(ROOT))
     env.pop("JAX_ENABLE_X64", None)
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode, str(folder / "model.keras"),
-         str(folder / "backup"), str(out)],
+        [sys.executable, "-c", SCRIPT, mode, str(out)] + [str(f) for f in folders],
         cwd=ROOT, env=env, timeout=600, capture_output=True, text=True,
     )
     if result.returncode:
@@ -154,7 +166,18 @@ def _started(backend, root):
     `root/backend`, with that run's states."""
     folder = pathlib.Path(root) / backend
     folder.mkdir()
-    return folder, _run(backend, "start", folder, folder / "start.json")
+    return folder, _run(backend, "start", [folder], folder / "start.json")[str(folder)]
+
+
+@functools.lru_cache(maxsize=None)
+def _resumed(backend, root):
+    """`{first backend: states}`: one process under `backend` trains on from
+    the checkpoints of each other backend (once per test process)."""
+    firsts = [b for b in BACKENDS if b != backend]
+    folders = [_started(first, root)[0] for first in firsts]
+    out = pathlib.Path(root) / f"resumed-in-{backend}.json"
+    results = _run(backend, "resume", folders, out)
+    return {first: results[str(folder)] for first, folder in zip(firsts, folders)}
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +207,9 @@ PAIRS = [(a, b) for a in BACKENDS for b in BACKENDS if a != b]
 
 
 @pytest.mark.parametrize("first, second", PAIRS)
-def test_checkpoints_train_on_in_another_backend(root, tmp_path, first,
-                                                 second):
-    folder, started = _started(first, root)
-    resumed = _run(second, "resume", folder, tmp_path / "second.json")
+def test_checkpoints_train_on_in_another_backend(root, first, second):
+    _, started = _started(first, root)
+    resumed = _resumed(second, root)[first]
     assert (started["backend"], resumed["backend"]) == (first, second)
     # The .keras file loaded exactly: weights and every optimizer variable
     # (the container's step count, each per-loss Adam's moments and step

@@ -28,29 +28,24 @@ STEPS = 32  # 4 epochs x 8 batches
 KILLED = -9
 
 
-def _run(method, mode, workdir, kill_at):
-    os.makedirs(workdir, exist_ok=True)
-    out = os.path.join(workdir, "out.npz")
+def _run(jobs):
+    """One child process runs `jobs`, `(method, mode, workdir, kill_at)`
+    each, in turn; returns its exit code (only the last job may kill it)."""
+    args = []
+    for method, mode, workdir, kill_at in jobs:
+        os.makedirs(workdir, exist_ok=True)
+        args.append([method, mode, str(workdir), int(kill_at),
+                     os.path.join(workdir, "out.npz")])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, str(CHILD), method, mode, str(workdir),
-         str(kill_at), out],
+        [sys.executable, str(CHILD), json.dumps(args)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     if result.returncode not in (0, KILLED):
         raise AssertionError(
-            f"child {method} {mode} kill_at={kill_at} failed:\n"
-            + result.stderr[-3000:]
+            f"child {args} failed:\n" + result.stderr[-3000:]
         )
     return result.returncode
-
-
-def _chain(method, mode, workdir, kills):
-    """Runs the child once per kill point (each must die by SIGKILL), then
-    once to the end; returns the return codes and the final state."""
-    codes = [_run(method, mode, workdir, k) for k in kills]
-    codes.append(_run(method, mode, workdir, -1))
-    return codes, _load(os.path.join(workdir, "out.npz"))
 
 
 def _load(path):
@@ -81,14 +76,32 @@ CHAINS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Per chain: the exit codes of its processes (one per kill point, each
+    SIGKILLed, then the run to the end) and its final state.
+
+    Each killed segment is a process of its own (a process dies once); the
+    runs to the end of all chains, the references included, share two
+    processes, a fresh Keras session each."""
     root = tmp_path_factory.mktemp("resume")
 
-    def go(name):
+    def killed(name):
         method, mode, kills = CHAINS[name]
-        return name, _chain(method, mode, root / name, [int(k) for k in kills])
+        return name, [_run([(method, mode, root / name, k)]) for k in kills]
 
+    def to_the_end(names):
+        code = _run([(CHAINS[n][0], CHAINS[n][1], root / n, -1) for n in names])
+        return [(name, code) for name in names]
+
+    names = list(CHAINS)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(pool.map(go, CHAINS))
+        codes = dict(pool.map(killed, names))
+        for ended in pool.map(to_the_end, (names[0::2], names[1::2])):
+            for name, code in ended:
+                codes[name].append(code)
+    results = {
+        name: (codes[name], _load(os.path.join(root / name, "out.npz")))
+        for name in names
+    }
     results["root"] = root
     return results
 
