@@ -29,6 +29,31 @@ def float64_keras():
     keras.config.set_dtype_policy(previous[1])
 
 
+def _train_compiled_and_eager(build, batches):
+    """Trains `build()` on `batches` compiled, then a second `build()` from
+    the same initial weights eagerly (SGD with momentum, one step a batch).
+
+    Returns:
+        `(initial weights, [compiled weights, eager weights], last model)`.
+    """
+    initial, weights = None, []
+    for run_eagerly in (False, True):
+        model = build()
+        if initial is None:
+            initial = model.get_weights()
+        else:
+            model.set_weights(initial)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=run_eagerly,
+        )
+        for x, y in batches:
+            model.train_on_batch(x, y)
+        weights.append(model.get_weights())
+    return initial, weights, model
+
+
 # TensorFlow's graph rewrites only: a jit-compiled JAX step is a pure
 # function of its state (no reads and writes to reorder); its eager and
 # compiled runs both meet the NumPy reference (test_reference.py).
@@ -44,24 +69,10 @@ def test_compiled_steps_equal_eager_steps_on_a_resnet(float64_keras, method):
         for _ in range(3)
     ]
     keras.utils.set_random_seed(0)
-    initial = None
-    weights = []
-    for run_eagerly in (False, True):
-        model = cifar_resnet(
-            8, num_losses=3, input_shape=(16, 16, 3), method=method
-        )
-        if initial is None:
-            initial = model.get_weights()
-        else:
-            model.set_weights(initial)
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            run_eagerly=run_eagerly,
-        )
-        for x, y in batches:
-            model.train_on_batch(x, y)
-        weights.append(model.get_weights())
+    initial, weights, _ = _train_compiled_and_eager(
+        lambda: cifar_resnet(8, num_losses=3, input_shape=(16, 16, 3),
+                             method=method),
+        batches)
     moved = max(
         np.max(np.abs(after - before))
         for after, before in zip(weights[0], initial)
@@ -100,21 +111,8 @@ def test_compiled_steps_equal_eager_steps_on_depthwise_grouped_concat(
     batches = [(rng.normal(size=(8, 8, 8, 4)), rng.integers(0, 3, 8))
                for _ in range(3)]
     keras.utils.set_random_seed(0)
-    weights, initial = [], None
-    for run_eagerly in (False, True):
-        model = _mixed_layers_model(method)
-        if initial is None:
-            initial = model.get_weights()
-        else:
-            model.set_weights(initial)
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            run_eagerly=run_eagerly,
-        )
-        for x, y in batches:
-            model.train_on_batch(x, y)
-        weights.append(model.get_weights())
+    initial, weights, model = _train_compiled_and_eager(
+        lambda: _mixed_layers_model(method), batches)
     paths = [v.path for v in model.weights]
     trainable = {v.path for v in model.trainable_variables}
     still = [path for path, after, before in zip(paths, weights[0], initial)

@@ -204,8 +204,6 @@ def test_first_settings_run_first_and_reports_hold_other_workers_runs(
     """`--first` runs the named settings before the others; the reports are
     written from every finished run on disk, including one that another
     worker finished while this one ran (its in-memory view lacks it)."""
-    import csv
-
     from experiments import run
     from experiments import runner
 
