@@ -164,15 +164,7 @@ def test_resumption_logic_without_training(tmp_path, monkeypatch):
         for config in configs:
             calls.append(config["seed"])
             methods.append(config)
-            on_row(dict(
-                key=runner.run_key(config), config=config, error=None,
-                head_names=["head_0_dense", "head_1_dense", "final_dense"],
-                head_depths=[3, 5, 8], head_params=[10, 20, 30],
-                test_accuracy=[0.5, 0.6, 0.4 + 0.1 * config["seed"]],
-                failed=0.4 + 0.1 * config["seed"] < runner.FAIL_THRESHOLD,
-                epoch_seconds=1.0, step_seconds=0.1, first_epoch_seconds=2.0,
-                fit_seconds=3.0, head_train_seconds=0.0,
-            ))
+            on_row(_fake_row(runner, config, final=0.4 + 0.1 * config["seed"]))
 
     monkeypatch.setattr(runner, "execute_group", fake_execute_group)
     results = str(tmp_path)
@@ -234,12 +226,15 @@ def test_first_settings_run_first_and_reports_hold_other_workers_runs(
     assert rows == {(f"method={m}", s) for m in ("standard", "joint") for s in "01"}
 
 
-def _fake_row(runner, config):
+def _fake_row(runner, config, final=0.7):
+    """A stand-in trainer's row for `config`: 3 heads, the final one at
+    test accuracy `final` (failed below runner.FAIL_THRESHOLD)."""
     return dict(
         key=runner.run_key(config), config=config, error=None,
         head_names=["head_0_dense", "head_1_dense", "final_dense"],
         head_depths=[3, 5, 8], head_params=[10, 20, 30],
-        test_accuracy=[0.5, 0.6, 0.7], failed=False,
+        test_accuracy=[0.5, 0.6, final],
+        failed=final < runner.FAIL_THRESHOLD,
         epoch_seconds=1.0, step_seconds=0.1, first_epoch_seconds=2.0,
         fit_seconds=3.0, head_train_seconds=0.0,
     )
