@@ -11,7 +11,15 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _backend_selection import backend_selection_hooks  # noqa: E402
 from _xdist_scheduling import one_worker_files_hook  # noqa: E402
+
+# The backends each test runs on, by its markers (_backend_selection.py):
+# `@pytest.mark.backends(...)` names them, unmarked tests run on TensorFlow
+# alone, and `@pytest.mark.oldest_keras(...)` marks those that run again at
+# the oldest declared Keras (`--oldest-keras`). tests/run_all.sh collects the
+# whole suite on each backend and lets the markers choose.
+globals().update(backend_selection_hooks(keras.backend.backend))
 
 # Files whose module-scoped fixtures are costly (child processes, several
 # trainings) run whole on one xdist worker under `--dist loadgroup`, so those
@@ -27,18 +35,13 @@ ONE_WORKER_FILES = (
 )
 pytest_xdist_make_scheduler = one_worker_files_hook(ONE_WORKER_FILES)
 
-# Tests of TensorFlow-only machinery (tf.distribute, tf.data pipelines,
-# TensorFlow's fused BatchNorm kernels, graph-mode op ordering).
-tensorflow_only = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="TensorFlow-only machinery",
-)
-jax_only = pytest.mark.skipif(
-    keras.backend.backend() != "jax", reason="needs the JAX backend"
-)
-torch_only = pytest.mark.skipif(
-    keras.backend.backend() != "torch", reason="needs the torch backend"
-)
+# One backend alone: on a test or as a module's `pytestmark`; the closest
+# marker wins, so a test of TensorFlow-only machinery (tf.distribute, tf.data
+# pipelines, TensorFlow's fused BatchNorm kernels, graph-mode op ordering)
+# inside a module that runs on every backend is `@tensorflow_only`.
+tensorflow_only = pytest.mark.backends("tensorflow")
+jax_only = pytest.mark.backends("jax")
+torch_only = pytest.mark.backends("torch")
 
 NUM_CLASSES = 3
 MLP_INPUT_SHAPE = (6,)

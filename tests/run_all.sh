@@ -2,18 +2,22 @@
 # The project's test command (README, CI): every Keras backend the project
 # supports, at both ends of the declared Keras range (pyproject.toml).
 #
-#   1. TensorFlow, the installed (newest) Keras: the whole suite.
-#   2. JAX, the same Keras: the tests of backend-neutral behaviour
-#      (JAX_FILES; TensorFlow-only tests inside them skip themselves).
-#   3. PyTorch, the same Keras: the reference and behaviour tests
-#      (TORCH_FILES).
-#   4. TensorFlow, the oldest declared Keras (KERAS_OLDEST), layered over
-#      the packages of the interpreter that runs the suite: Keras alone is
-#      installed (no dependencies) into a directory put first on PYTHONPATH,
-#      so the stage sees the same TensorFlow, JAX and torch as the others,
-#      in a virtual environment, a conda environment or the system Python
-#      alike. It runs the tests that touch Keras internals (OLDEST_FILES),
-#      and the torch step's tests under PyTorch.
+# Each stage collects the whole suite (tests/) and the tests' markers choose
+# what runs on its backend (tests/_backend_selection.py); no list of files
+# or test ids is kept here.
+#
+#   1. TensorFlow, the installed (newest) Keras: every test not marked for
+#      other backends alone (unmarked tests run on TensorFlow).
+#   2. JAX, the same Keras: the tests marked `backends(..., "jax", ...)`,
+#      the reference and backend-neutral behaviour tests.
+#   3. PyTorch, the same Keras: the tests marked for "torch".
+#   4. The oldest declared Keras (KERAS_OLDEST), layered over the packages
+#      of the interpreter that runs the suite: Keras alone is installed (no
+#      dependencies) into a directory put first on PYTHONPATH, so the stage
+#      sees the same TensorFlow, JAX and torch as the others, in a virtual
+#      environment, a conda environment or the system Python alike. It runs
+#      the tests marked `oldest_keras` (those that touch Keras internals),
+#      on TensorFlow and on PyTorch (`--oldest-keras`).
 #
 # Set STAGES to a subset of "tensorflow jax torch oldest" to run fewer; extra
 # arguments go to every pytest run. Needs `pip install '.[test]'` first;
@@ -38,44 +42,6 @@ export JAX_COMPILATION_CACHE_DIR=$JAX_CACHE
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
-JAX_FILES=(
-  tests/test_jax_step.py tests/test_jax_distribute.py
-  tests/test_reference.py
-  tests/test_methods_reference.py tests/test_learning_rate.py
-  tests/test_loss_scaling.py tests/test_regressions_issue9.py
-  tests/test_nan_policy.py
-  # BackupAndRestore on JAX: the step-exact resume and the checks that
-  # touch the model (the rest of the file is backend-neutral file logic).
-  tests/test_backup_and_restore.py::test_resume_mid_epoch_equals_uninterrupted_run
-  tests/test_backup_and_restore.py::test_backup_of_another_model_is_refused_before_any_change
-  tests/test_backup_and_restore.py::test_backup_records_what_defines_the_position
-  tests/test_backup_and_restore.py::test_request_stop_backs_up_the_batch_and_resumes_exactly
-  tests/test_backup_and_restore.py::test_rerun_after_the_last_backup_restores_state_and_history
-  tests/test_skip_step_logs.py
-  tests/test_label_values.py tests/test_loss_names.py
-  tests/test_authors_loop.py tests/test_custom_objects.py
-  tests/test_fused_activation.py
-)
-TORCH_FILES=(
-  tests/test_torch_step.py tests/test_torch_vjp.py
-  tests/test_reference.py
-  tests/test_methods_reference.py tests/test_learning_rate.py
-  tests/test_loss_scaling.py tests/test_regressions_issue9.py
-  tests/test_nan_policy.py tests/test_backup_and_restore.py
-  tests/test_skip_step_logs.py
-  tests/test_label_values.py tests/test_loss_names.py
-  tests/test_authors_loop.py tests/test_custom_objects.py
-  tests/test_fused_activation.py
-)
-OLDEST_FILES=(
-  tests/test_keras_versions.py tests/test_zoo.py tests/test_reference.py
-  tests/test_methods_reference.py tests/test_learning_rate.py
-  tests/test_loss_scaling.py tests/test_progbar_logger.py
-  tests/test_multi_way_optimizer.py tests/test_safe_loading.py
-  tests/test_multi_worker.py tests/test_custom_objects.py
-  tests/test_fused_activation.py
-)
-
 pytest_run() {  # pytest_run PYTHON ARGS...: pytest, in parallel if it can.
   local python=$1
   shift
@@ -90,13 +56,13 @@ for stage in $STAGES; do
   echo "=== $stage ==="
   case "$stage" in
   tensorflow)
-    KERAS_BACKEND=tensorflow pytest_run "$PYTHON" "$@"
+    KERAS_BACKEND=tensorflow pytest_run "$PYTHON" tests "$@"
     ;;
   jax)
-    KERAS_BACKEND=jax pytest_run "$PYTHON" "${JAX_FILES[@]}" "$@"
+    KERAS_BACKEND=jax pytest_run "$PYTHON" tests "$@"
     ;;
   torch)
-    KERAS_BACKEND=torch pytest_run "$PYTHON" "${TORCH_FILES[@]}" "$@"
+    KERAS_BACKEND=torch pytest_run "$PYTHON" tests "$@"
     ;;
   oldest)
     export PYTHONPATH="$OLDEST_DIR${PYTHONPATH:+:$PYTHONPATH}"
@@ -104,12 +70,9 @@ for stage in $STAGES; do
       "$PYTHON" -m pip install --quiet --no-deps --upgrade --target "$OLDEST_DIR" "keras==$KERAS_OLDEST"
     fi
     "$PYTHON" -c "import keras; assert keras.__version__ == '$KERAS_OLDEST', keras.__version__"
-    KERAS_BACKEND=tensorflow pytest_run "$PYTHON" "${OLDEST_FILES[@]}" "$@"
-    # The torch step's use of Keras internals, the backend-neutral naming
-    # of torch's optimizer subclasses (_compat), and the hand-written VJPs
-    # against Keras's own layers, on the oldest Keras.
-    KERAS_BACKEND=torch pytest_run "$PYTHON" \
-      tests/test_torch_step.py tests/test_torch_vjp.py tests/test_custom_objects.py "$@"
+    for backend in tensorflow torch; do
+      KERAS_BACKEND=$backend pytest_run "$PYTHON" --oldest-keras tests "$@"
+    done
     ;;
   *)
     echo "unknown stage $stage (use tensorflow, jax, torch, oldest)" >&2

@@ -4,7 +4,6 @@ nu (Sec. 6.2), driven by the optimizer's learning rate or by epochs."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_mwbp
 from conftest import mlp_data
@@ -35,6 +34,8 @@ class TraceCounter(L.Layer):
         self.traces = 0
 
     def call(self, x):
+        import tensorflow as tf
+
         if not tf.executing_eagerly():
             self.traces += 1
         return x
@@ -171,6 +172,8 @@ def test_nu_follows_reduce_lr_on_plateau():
 
 def test_the_compiled_step_applies_the_new_loss_weights():
     """Each head's own output kernel moves by -lr * gamma_i * grad_i."""
+    import tensorflow as tf
+
     x, y = mlp_data(N)
     model = compiled(keras.optimizers.SGD(0.1, momentum=0.0))
     kernels = [model.get_layer(name).kernel for name in model.output_names]

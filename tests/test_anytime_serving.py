@@ -20,8 +20,6 @@ from test_anytime import np_confidence
 from test_anytime import np_route
 from test_anytime import seen
 
-tf = pytest.importorskip("tensorflow")
-
 
 def routed_model():
     model = counted_model(seed=1)
@@ -56,6 +54,8 @@ def test_early_exit_export_stops_at_the_exit_head_at_batch_1():
 
 
 def test_saved_models_equal_the_anytime_model(tmp_path):
+    import tensorflow as tf
+
     model, fast, x, heads, exits = routed_model()
     expected = np.stack(heads)[exits, np.arange(len(x))]
     for static in (False, True):
@@ -71,6 +71,8 @@ def test_saved_models_equal_the_anytime_model(tmp_path):
 
 
 def test_tflite_exports_equal_the_anytime_model(tmp_path):
+    import tensorflow as tf
+
     model = mlp_model("joint", seed=5)
     x, _ = data(30, seed=6)
     heads, thresholds = mid_thresholds(model, x)

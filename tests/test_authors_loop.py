@@ -35,6 +35,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))

@@ -13,6 +13,11 @@ import keras_mwbp
 from keras_mwbp.callbacks import BackupAndRestore
 from keras_mwbp.callbacks.backup_and_restore import BACKUP_FILE
 
+# The whole file on TensorFlow and torch; on JAX, the step-exact resume and
+# the checks that touch the model (the rest is backend-neutral file logic).
+pytestmark = pytest.mark.backends("tensorflow", "torch")
+ALL_BACKENDS = pytest.mark.backends("tensorflow", "jax", "torch")
+
 
 def _model(width=6, method="mwbp"):
     keras.utils.set_random_seed(0)
@@ -84,6 +89,7 @@ def test_plain_keras_model_is_refused(tmp_path):
                   callbacks=[BackupAndRestore(str(tmp_path))])
 
 
+@ALL_BACKENDS
 def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     x, y = _data()
     reference = _model()
@@ -120,6 +126,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     assert not os.path.exists(backup_dir)  # delete_checkpoint=True
 
 
+@ALL_BACKENDS
 def test_backup_of_another_model_is_refused_before_any_change(tmp_path):
     x, y = _data()
     backup_dir = str(tmp_path / "backup")
@@ -172,6 +179,7 @@ def _crash_with_backup(backup_dir, batch_size=8, x=None, y=None, method="mwbp",
         return json.loads(str(backup["__meta__"]))
 
 
+@ALL_BACKENDS
 def test_backup_records_what_defines_the_position(tmp_path):
     meta = _crash_with_backup(str(tmp_path / "b"))
     assert meta["position"] == {
@@ -247,6 +255,7 @@ def test_dataset_of_unknown_size_records_the_steps_per_epoch(tmp_path):
                  callbacks=[BackupAndRestore(backup_dir)])
 
 
+@ALL_BACKENDS
 def test_rerun_after_the_last_backup_restores_state_and_history(tmp_path):
     x, y = _data()
     backup_dir = str(tmp_path / "backup")
@@ -371,6 +380,7 @@ def test_checkpoint_onto_a_directory_fails_when_training_begins(tmp_path):
     assert count.batches == 0
 
 
+@ALL_BACKENDS
 def test_request_stop_backs_up_the_batch_and_resumes_exactly(tmp_path):
     x, y = _data()
     reference = _model()

@@ -17,7 +17,6 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_mwbp
 from keras_mwbp import cli
@@ -185,10 +184,15 @@ def fit(env, key, x, y, **kwargs):
     env[key].fit(x, y, batch_size=8, epochs=1, verbose=0, **kwargs)
 
 
+def tf_dataset(arrays):
+    """A `tf.data.Dataset` of `arrays` in batches of 8."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(arrays).batch(8)
+
+
 def empty_dataset(env):
-    return tf.data.Dataset.from_tensor_slices(
-        (env["x"][:0], env["y"][:0])
-    ).batch(8)
+    return tf_dataset((env["x"][:0], env["y"][:0]))
 
 
 def case(id, call, error, argument, received, marks=()):
@@ -357,8 +361,7 @@ CASES = [
          ValueError, "`y`", "y with structure"),
     case("fit/dataset of one-hot labels with sparse loss",
          lambda e: e["model"].fit(
-             tf.data.Dataset.from_tensor_slices(
-                 (e["x"], one_hot(e["y"]))).batch(8),
+             tf_dataset((e["x"], one_hot(e["y"]))),
              epochs=1, verbose=0),
          ValueError, "`y`", "y with shape (None, 3)"),
     case("evaluate/one-hot labels with sparse loss",

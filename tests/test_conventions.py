@@ -7,7 +7,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_mwbp
 from keras_mwbp import report
@@ -151,6 +150,8 @@ def test_plot_history_draws_a_marker_for_a_single_epoch(tmp_path,
 
 # ---------------------------------------------------------------- export
 def test_exported_exit_model_serves_a_tensor(tmp_path):
+    import tensorflow as tf
+
     model = mlp_model()
     x, _ = mlp_data(5)
     small = model.exit_model(1)
@@ -193,6 +194,8 @@ def test_clone_model_is_refused_with_the_way_to_copy():
 
 # -------------------------------------------------------------- warnings
 def test_fit_on_a_dataset_does_not_warn_about_shuffle():
+    import tensorflow as tf
+
     model = mlp_model()
     model.compile(optimizer="sgd", loss=sparse_ce())
     x, y = mlp_data(16)

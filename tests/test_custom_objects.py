@@ -26,6 +26,11 @@ from _reference_harness import multiway_model  # noqa: E402
 from _reference_harness import random_batches  # noqa: E402
 from _reference_harness import reference_run  # noqa: E402
 
+pytestmark = [
+    pytest.mark.backends("tensorflow", "jax", "torch"),
+    pytest.mark.oldest_keras("tensorflow", "torch"),
+]
+
 WARMUP_STEPS = 2
 
 

@@ -24,6 +24,11 @@ import pytest  # noqa: E402
 import reference_numpy as ref  # noqa: E402
 import keras_mwbp  # noqa: E402
 
+pytestmark = [
+    pytest.mark.backends("tensorflow", "jax", "torch"),
+    pytest.mark.oldest_keras(),
+]
+
 GAMMAS = (0.5, 1.0)
 LEARNING_RATE = 1.0
 LAYERS = ("d1", "h0", "d2", "final")

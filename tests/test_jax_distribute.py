@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.backends("tensorflow", "jax")
+
 pytest.importorskip("jax")
 
 SCRIPT = textwrap.dedent(

@@ -6,8 +6,11 @@ import re
 import types
 
 import keras
+import pytest
 
 from conftest import tensorflow_only
+
+pytestmark = pytest.mark.oldest_keras()
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "keras_mwbp"
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import compiled_mlp
 from conftest import mlp_data
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 
 def _state(model):
     return [keras.ops.convert_to_numpy(v).copy() for v in model.variables]

@@ -13,6 +13,11 @@ from conftest import mlp_data
 
 from keras_mwbp import MultiWayModel
 
+pytestmark = [
+    pytest.mark.backends("tensorflow", "jax", "torch"),
+    pytest.mark.oldest_keras(),
+]
+
 
 def _weights(model):
     return [keras.ops.convert_to_numpy(v).copy()

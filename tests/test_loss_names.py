@@ -8,6 +8,8 @@ import pytest
 from conftest import mlp_data
 from conftest import mlp_model
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 
 def _private_loss(y_true, y_pred):
     return keras.losses.sparse_categorical_crossentropy(

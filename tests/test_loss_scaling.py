@@ -14,6 +14,11 @@ from conftest import mlp_data
 
 from keras_mwbp import MultiWayModel
 
+pytestmark = [
+    pytest.mark.backends("tensorflow", "jax", "torch"),
+    pytest.mark.oldest_keras(),
+]
+
 L = keras.layers
 # The loss scaling itself runs on TensorFlow; on JAX compile refuses it
 # (test_jax_refuses_loss_scaling_before_any_change).

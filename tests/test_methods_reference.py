@@ -32,6 +32,11 @@ from _reference_harness import random_batches  # noqa: E402
 from _reference_harness import random_params  # noqa: E402
 from _reference_harness import reference_run  # noqa: E402
 
+pytestmark = [
+    pytest.mark.backends("tensorflow", "jax", "torch"),
+    pytest.mark.oldest_keras(),
+]
+
 METHODS = (
     "standard",
     "joint",

@@ -10,7 +10,6 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_mwbp
 from conftest import NUM_CLASSES
@@ -719,6 +718,8 @@ def test_compile_rejects_bad_arguments(compile_kwargs, error, message):
 
 
 def test_compile_rejects_an_object_that_is_not_a_keras_optimizer():
+    import tensorflow as tf
+
     model = mlp_model()
     not_keras = tf.compat.v1.train.GradientDescentOptimizer(0.1)
     with pytest.raises(TypeError, match=re.escape(

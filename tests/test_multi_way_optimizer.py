@@ -6,7 +6,6 @@ import re
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_mwbp
 from conftest import compiled_mlp
@@ -15,6 +14,8 @@ from conftest import mlp_data
 from conftest import mlp_graph
 from conftest import sparse_ce
 from keras_mwbp import MultiWayOptimizer
+
+pytestmark = pytest.mark.oldest_keras()
 
 LR = 0.1
 
@@ -86,6 +87,8 @@ def test_container_needs_variable_groups_to_build():
 
 
 def test_apply_loss_uses_only_that_losss_optimizer():
+    import tensorflow as tf
+
     a = keras.Variable(np.ones((2,), "float32"), name="a")
     b = keras.Variable(np.ones((3,), "float32"), name="b")
     container = MultiWayOptimizer(keras.optimizers.SGD(0.5), num_losses=2)
@@ -169,6 +172,8 @@ def test_single_optimizer_methods_hold_momentum_for_what_they_update(method):
 
 def _loss_gradient(initial_model, x, y, head, layer_name):
     """d loss_head / d kernel of `layer_name`, by a plain tape on a copy."""
+    import tensorflow as tf
+
     inputs, outputs = mlp_graph()
     copy = keras.Model(inputs, outputs)
     copy_weights(initial_model, copy)

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import tensorflow_only
 
-pytestmark = tensorflow_only
+pytestmark = [tensorflow_only, pytest.mark.oldest_keras()]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

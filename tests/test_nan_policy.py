@@ -35,6 +35,8 @@ import pytest
 from conftest import tensorflow_only
 from keras_mwbp import MultiWayModel
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 L = keras.layers
 B = 8  # batch size
 METHODS = ("mwbp", "joint", "naive_mwbp")

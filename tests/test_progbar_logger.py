@@ -28,6 +28,8 @@ from conftest import mlp_data
 from conftest import mlp_model
 from conftest import sparse_ce
 
+pytestmark = pytest.mark.oldest_keras()
+
 # One xdist worker runs the whole file (conftest.ONE_WORKER_FILES), so its
 # module-scoped fixtures are built once, not once per worker.
 

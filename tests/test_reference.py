@@ -45,6 +45,11 @@ from _reference_harness import sparse_ce  # noqa: E402
 from _reference_harness import to_numpy  # noqa: E402
 from conftest import tensorflow_only  # noqa: E402
 
+pytestmark = [
+    pytest.mark.backends("tensorflow", "jax", "torch"),
+    pytest.mark.oldest_keras(),
+]
+
 
 # --------------------------------------------------------------------------
 # The NumPy reference alone: finite differences and identities

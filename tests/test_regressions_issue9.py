@@ -30,6 +30,8 @@ from conftest import tensorflow_only
 
 import keras_mwbp
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 L = keras.layers
 GAMMAS = (0.5, 1.0)
 LR = 0.1

@@ -4,7 +4,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_mwbp
 from keras_mwbp.report import count_multiply_adds
@@ -315,6 +314,8 @@ def test_report_errors_from_fixed_logits():
 
 
 def test_report_from_dataset_and_column_labels():
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.from_tensor_slices(
         (RANK_X, RANK_Y.reshape(-1, 1))
     ).batch(3)

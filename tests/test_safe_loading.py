@@ -24,6 +24,8 @@ from conftest import sgd
 from conftest import sparse_ce
 from keras_mwbp.saving import save_model
 
+pytestmark = pytest.mark.oldest_keras()
+
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 

@@ -13,6 +13,8 @@ import pytest
 from conftest import compiled_mlp
 from conftest import mlp_data
 
+pytestmark = pytest.mark.backends("tensorflow", "jax", "torch")
+
 
 class _DivergesAfterEpoch0(keras.utils.PyDataset):
     """Two batches an epoch; from epoch 1 on (set by `Epoch`) every input

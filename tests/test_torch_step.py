@@ -10,7 +10,7 @@ from conftest import torch_only
 from keras_mwbp import MultiWayModel
 from keras_mwbp.algorithm import Objective
 
-pytestmark = torch_only
+pytestmark = [torch_only, pytest.mark.oldest_keras("torch")]
 
 
 def _dropout_model(method="mwbp"):

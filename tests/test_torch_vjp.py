@@ -8,7 +8,7 @@ import pytest
 
 from conftest import torch_only
 
-pytestmark = torch_only
+pytestmark = [torch_only, pytest.mark.oldest_keras("torch")]
 
 
 def _node(layer, shapes):

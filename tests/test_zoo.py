@@ -16,6 +16,8 @@ from keras_mwbp.models import preact_resnet
 from keras_mwbp.models import resnext29
 from keras_mwbp.models import wide_resnet
 
+pytestmark = pytest.mark.oldest_keras()
+
 
 def trainable_params(model):
     return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
