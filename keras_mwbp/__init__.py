@@ -68,17 +68,26 @@ def _register_with_keras():
 
 
 class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
-    """Registers keras_mwbp's classes right after `keras` is imported.
+    """Registers keras_mwbp's classes once `keras` is imported.
 
-    Finds `keras` as the other finders do, and wraps its loader so that the
-    registering modules are imported once `keras` has finished loading.
-    Removes itself once that is done.
+    Finds `keras` and keras_mwbp's own modules as the other finders do, and
+    wraps their loaders. The registering modules are imported when `keras`
+    has finished loading and no keras_mwbp module is still being imported:
+    a module of ours that imports `keras` first (`import keras_mwbp.report`
+    in a fresh interpreter) is finished before the registering modules,
+    which import it, run. Removes itself once that is done.
     """
 
     _busy = False
 
+    def __init__(self):
+        self.importing = 0  # keras_mwbp modules being imported.
+        self.keras_loaded = False
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "keras" or self._busy:
+        if self._busy or not (
+            fullname == "keras" or fullname.startswith(__name__ + ".")
+        ):
             return None
         self._busy = True
         try:
@@ -87,14 +96,20 @@ class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
             self._busy = False
         if spec is None or spec.loader is None:
             return spec
-        spec.loader = _ThenRegister(spec.loader, self)
+        spec.loader = _ThenRegister(spec.loader, self, fullname == "keras")
         return spec
+
+    def module_done(self):
+        if self.keras_loaded and not self.importing and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            _register_with_keras()
 
 
 class _ThenRegister(importlib.abc.Loader):
-    def __init__(self, loader, finder):
+    def __init__(self, loader, finder, is_keras):
         self._loader = loader
         self._finder = finder
+        self._is_keras = is_keras
 
     def __getattr__(self, name):  # get_resource_reader, is_package, ...
         return getattr(self._loader, name)
@@ -103,10 +118,17 @@ class _ThenRegister(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        self._loader.exec_module(module)
-        if self._finder in sys.meta_path:
-            sys.meta_path.remove(self._finder)
-        _register_with_keras()
+        finder = self._finder
+        if self._is_keras:
+            self._loader.exec_module(module)
+            finder.keras_loaded = True
+        else:
+            finder.importing += 1
+            try:
+                self._loader.exec_module(module)
+            finally:
+                finder.importing -= 1
+        finder.module_done()
 
 
 if "keras" in sys.modules:

@@ -96,6 +96,23 @@ def test_saved_model_loads_when_keras_is_imported_after_keras_mwbp(tmp_path):
     assert done.stdout.split() == ["MultiWayModel"]
 
 
+@pytest.mark.parametrize("module", [
+    "keras_mwbp._compat", "keras_mwbp.algorithm", "keras_mwbp.graph",
+    "keras_mwbp.multi_way_optimizer", "keras_mwbp.report",
+])
+def test_a_submodule_imported_first_imports_and_registers(module):
+    """A module that imports Keras itself, first in a fresh interpreter: the
+    classes register once it is done, not while it is half-imported (the
+    registering modules import it: an ImportError before)."""
+    done = _python(f"""
+        import {module}
+        import keras
+        print(keras.saving.get_registered_object("keras_mwbp>MultiWayModel"))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "keras_mwbp.multi_way_model.MultiWayModel" in done.stdout
+
+
 def _help(capsys, monkeypatch, argv):
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as exit_info:
