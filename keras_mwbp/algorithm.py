@@ -33,6 +33,7 @@ import collections
 
 import keras
 
+from keras_mwbp import _compat
 from keras_mwbp import backend as backends
 from keras_mwbp import labels
 
@@ -416,7 +417,7 @@ def update_metrics(model, x, y, y_pred, sample_weight, head_losses, total):
     # `tf.distribute` strategy; the logs show the global values.
     replicas = backends.get().num_replicas()
     batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]
-    model._loss_tracker.update_state(
+    _compat.loss_tracker(model).update_state(
         total * replicas, sample_weight=batch_size
     )
     for tracker, value in zip(model._head_loss_trackers, head_losses):

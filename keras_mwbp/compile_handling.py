@@ -88,7 +88,7 @@ def _expects_probabilities(loss):
         return not loss.get_config().get("from_logits", False)
     fn = getattr(loss, "fn", None)
     if fn in _PROBABILITY_FUNCTIONS:
-        kwargs = getattr(loss, "_fn_kwargs", None) or {}
+        kwargs = _compat.loss_function_kwargs(loss)
         return not kwargs.get("from_logits", False)
     return False
 

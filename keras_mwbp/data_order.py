@@ -11,6 +11,8 @@ process, and the seed is part of the model's config.
 import math
 
 import keras
+
+from keras_mwbp import _compat
 import numpy as np
 
 
@@ -123,7 +125,7 @@ def steps_per_epoch(num_samples, batch_size):
 def start_epoch(model, callbacks, initial_epoch):
     """The epoch `fit` will start at, as Keras's `fit` decides it after
     `on_train_begin`: a backup callback in `callbacks` (Keras's
-    `BackupAndRestore` or keras_mwbp's) sets `model._initial_epoch` to the
+    `BackupAndRestore` or keras_mwbp's) sets the model's initial epoch to the
     epoch of its backup."""
     start = None
     for callback in callbacks or []:
@@ -137,7 +139,7 @@ def start_epoch(model, callbacks, initial_epoch):
         if epoch is not None:
             start = epoch
     if start is None:
-        start = getattr(model, "_initial_epoch", None)
+        start = _compat.initial_epoch(model)
     return start or initial_epoch
 
 
@@ -145,7 +147,7 @@ def _keras_backup_epoch(callback):
     import json
     import os
 
-    path = getattr(callback, "_training_metadata_path", None)
+    path = _compat.training_metadata_path(callback)
     if not path or not os.path.exists(path):
         return None
     try:

@@ -10,6 +10,8 @@ import collections
 
 import keras
 
+from keras_mwbp import _compat
+
 
 def check_outputs_depend_on_inputs(inputs, outputs):
     """Raises `ValueError` if an output cannot be computed from `inputs`.
@@ -56,11 +58,8 @@ def upstream_tensors(tensor):
 
 def producing_node(tensor):
     """The non-input node that computed `tensor`, or `None`."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None
-    node = history.operation._inbound_nodes[history.node_index]
-    return None if node.is_input else node
+    node = _compat.producing_node(tensor)
+    return None if node is None or node.is_input else node
 
 
 def _leaf_tensors(tensor):
@@ -81,7 +80,7 @@ def is_weight_layer(operation):
 
 def ordered_nodes(function):
     """Non-input nodes of a Keras `Function`/`Functional`, in run order."""
-    nodes_by_depth = function._nodes_by_depth
+    nodes_by_depth = _compat.nodes_by_depth(function)
     return [
         node
         for depth in sorted(nodes_by_depth, reverse=True)
@@ -92,7 +91,7 @@ def ordered_nodes(function):
 
 def weight_depth(operation):
     """Weight layers on the longest path through `operation`."""
-    if hasattr(operation, "_nodes_by_depth"):  # A nested functional model.
+    if _compat.nodes_by_depth(operation) is not None:  # A nested model.
         depths = _tensor_weight_depths(operation)
         return max(depths.get(id(x), 0) for x in operation.outputs)
     return int(is_weight_layer(operation))

@@ -85,7 +85,7 @@ def check_array_labels(model, y):
         ):
             continue
         values = labels
-        ignore = getattr(loss_fn, "_fn_kwargs", {}).get("ignore_class")
+        ignore = _compat.loss_function_kwargs(loss_fn).get("ignore_class")
         if ignore is not None:
             values = labels[labels != ignore]
         if values.size == 0:

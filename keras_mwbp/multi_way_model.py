@@ -455,7 +455,8 @@ class MultiWayModel(keras.Model):
                 template = keras.optimizers.LossScaleOptimizer(
                     template, **container.loss_scale
                 )
-            self._compile_config = _compat.serialization_lib.SerializableDict(
+            _compat.set_compile_config(
+                self,
                 optimizer=template,
                 auto_scale_loss=auto_scale_loss,
                 loss=loss,
@@ -492,7 +493,7 @@ class MultiWayModel(keras.Model):
     def metrics(self):
         metrics = super().metrics
         trackers = list(getattr(self, "_head_loss_trackers", []))
-        if metrics and metrics[0] is self._loss_tracker:
+        if metrics and metrics[0] is _compat.loss_tracker(self):
             metrics = metrics[:1] + trackers + metrics[1:]
         else:
             metrics = trackers + metrics
@@ -512,7 +513,7 @@ class MultiWayModel(keras.Model):
         results = super().get_metrics_result()
         if getattr(self, "_skipped_steps", None) is None:
             return results
-        seen = self._loss_tracker.count > 0
+        seen = _compat.loss_tracker(self).count > 0
         return {
             name: value if name == "skipped_steps"
             else keras.ops.where(seen, value, float("nan"))
@@ -595,7 +596,7 @@ class MultiWayModel(keras.Model):
                 # Nothing left to train (a rerun after the last epoch's
                 # backup): Keras's JAX fit builds the metrics from a first
                 # batch, which this epoch order no longer yields.
-                self._symbolic_build(data_batch=keras.tree.map_structure(
+                _compat.symbolic_build(self, keras.tree.map_structure(
                     lambda a: a[:batch_size],
                     tuple(t for t in (x, y, sample_weight) if t is not None),
                 ))
@@ -707,7 +708,7 @@ class MultiWayModel(keras.Model):
         return super().evaluate(x, y, *args, **kwargs)
 
     def _check_no_activity_regularizers(self):
-        for layer in self._flatten_layers(include_self=False):
+        for layer in _compat.sublayers(self):
             if getattr(layer, "activity_regularizer", None) is not None:
                 raise ValueError(
                     "MultiWayModel does not support activity regularizers. "

@@ -3,7 +3,6 @@
 import copy
 
 import keras
-from keras import ops
 from keras_mwbp import _compat
 from keras_mwbp._compat import tracking
 
@@ -207,7 +206,7 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
     @property
     def variables(self):
         inner = [v for opt in self._inner for v in opt.variables]
-        return self._variables[:] + inner
+        return _compat.own_variables(self) + inner
 
     def apply_loss(self, index, grads, variables):
         """Applies loss `index`'s gradients with loss `index`'s optimizer."""
@@ -215,7 +214,7 @@ class MultiWayOptimizer(keras.optimizers.Optimizer):
 
     def finish_step(self):
         """Counts one training step (call once after all per-loss updates)."""
-        self._iterations.assign_add(ops.cast(1, self._iterations.dtype))
+        _compat.count_iteration(self)
 
     def save_own_variables(self, store):
         for i, variable in enumerate(self.variables):

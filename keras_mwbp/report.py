@@ -12,6 +12,8 @@ import json
 import os
 
 import keras
+
+from keras_mwbp import _compat
 import numpy as np
 
 # (row key, column title, format of a value) of the `head_table` columns.
@@ -163,7 +165,7 @@ def count_multiply_adds(model):
                 f"of model {model.name!r} has shape {tuple(tensor.shape)}."
             )
     total = 0
-    for nodes in graph._nodes_by_depth.values():
+    for nodes in _compat.nodes_by_depth(graph).values():
         for node in nodes:
             total += _node_multiply_adds(node)
     return int(total)
@@ -172,10 +174,10 @@ def count_multiply_adds(model):
 def _functional_graph(model):
     """The functional graph of `model`, or a ValueError naming `model`."""
     if isinstance(model, keras.Sequential):
-        model = getattr(model, "_functional", None) or model
-    if not isinstance(model, keras.Model) or not hasattr(
-        model, "_nodes_by_depth"
-    ):
+        model = _compat.sequential_graph(model) or model
+    if not isinstance(model, keras.Model) or _compat.nodes_by_depth(
+        model
+    ) is None:
         raise ValueError(
             "`model` must be a functional keras.Model (or a built "
             f"keras.Sequential). Received: model={model!r}"

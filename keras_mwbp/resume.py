@@ -8,6 +8,8 @@ positive: the batch is drawn from the data (so the data order goes on as in
 the uninterrupted run) and not trained on.
 """
 
+from keras_mwbp import _compat
+
 
 def resume_in_epoch(model, batches, logs, metric_values):
     """Resumes an epoch after its first `batches` batches (see
@@ -32,7 +34,7 @@ def skip_batches(model, iterator):
         if len(model.metrics_variables) != len(values):
             # Compiled metrics are built with the first step; build them
             # now from the batch's shapes.
-            model._symbolic_build(data_batch=batch)
+            _compat.symbolic_build(model, batch)
         variables = model.metrics_variables
         shapes = [tuple(v.shape) for v in variables]
         if shapes != [tuple(numpy_value.shape) for numpy_value in values]:

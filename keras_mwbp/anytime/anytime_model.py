@@ -81,7 +81,7 @@ class AnytimeModel(keras.Model):
         self.temperature = temperature
         self.confidence = confidence
         self._plan = routing.ExitPlan(model)
-        self._output_mode = "logits"
+        self._returns = "logits"
         self._mode_functions = {}
         self.built = True
 
@@ -132,12 +132,12 @@ class AnytimeModel(keras.Model):
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         logits, exit_index = self.route(x)
-        return exit_index if self._output_mode == "exit_index" else logits
+        return exit_index if self._returns == "exit_index" else logits
 
     def make_predict_function(self, force=False):
         # One compiled predict function per output mode (logits or exit
         # index), each built once.
-        mode = self._output_mode
+        mode = self._returns
         if not force and mode in self._mode_functions:
             self.predict_function = self._mode_functions[mode]
             return self.predict_function
@@ -158,7 +158,7 @@ class AnytimeModel(keras.Model):
         if keras.backend.backend() != "tensorflow":
             return self._eager_predict("logits", x, len(keras.tree.flatten(
                 x)[0]))
-        self._output_mode = "logits"
+        self._returns = "logits"
         self.make_predict_function()
         return super().predict_on_batch(x)
 
@@ -184,7 +184,7 @@ class AnytimeModel(keras.Model):
             # data-dependent gathers cannot have: route batch by batch,
             # eagerly.
             return self._eager_predict(mode, x, batch_size or 32)
-        self._output_mode = mode
+        self._returns = mode
         self.make_predict_function()
         try:
             return super().predict(
@@ -192,7 +192,7 @@ class AnytimeModel(keras.Model):
                 callbacks=callbacks,
             )
         finally:
-            self._output_mode = "logits"
+            self._returns = "logits"
             self.make_predict_function()
 
     def export(self, filepath, format="tf_saved_model", verbose=None,

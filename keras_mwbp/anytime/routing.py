@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mwbp import _compat
 from keras_mwbp.graph import HeadGraph
 from keras_mwbp.report import _node_multiply_adds
 
@@ -229,7 +230,7 @@ class ExitPlan:
             node = self.graph.nodes[n]
             args, kwargs = node.arguments.fill_in(values)
             operation = node.operation
-            if "training" in getattr(operation, "_call_context_args", {}):
+            if "training" in _compat.call_context_args(operation):
                 kwargs["training"] = False
             outputs = operation(*args, **kwargs)
             for x, y in zip(node.outputs, keras.tree.flatten(outputs)):

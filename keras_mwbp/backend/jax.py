@@ -93,7 +93,7 @@ class JaxStep(reverse_pass.ReversePassStep):
         (grad,) = vjp_fn(cotangent)
         return grad
 
-    def _zeros(self, variable):
+    def _zeros_like_variable(self, variable):
         return jnp.zeros(variable.shape, variable.dtype)
 
     _is_float = staticmethod(_is_float)

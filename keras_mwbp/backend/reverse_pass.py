@@ -22,6 +22,7 @@ import contextlib
 import keras
 
 from keras_mwbp._compat import operation_fn
+from keras_mwbp._compat import standardize_inputs
 from keras_mwbp.backend.fused_activation import fused_activation
 from keras_mwbp.backend.fused_activation import pre_activation_calls
 
@@ -70,7 +71,7 @@ class ReversePassStep:
         nodes made them."""
         tensors = {
             id(ref): value
-            for ref, value in zip(model.inputs, model._standardize_inputs(x))
+            for ref, value in zip(model.inputs, standardize_inputs(model, x))
         }
         for index, node in enumerate(self.graph.nodes):
             if nodes is not None and index not in nodes:
@@ -183,7 +184,7 @@ class ReversePassStep:
         for index in sorted(nodes, reverse=True):
             self._node_vjp(index, cotangents, var_grads)
         return [
-            var_grads[id(v)] if id(v) in var_grads else self._zeros(v)
+            var_grads[id(v)] if id(v) in var_grads else self._zeros_like_variable(v)
             for v in variables
         ]
 
@@ -243,7 +244,7 @@ class ReversePassStep:
         where nothing flows back."""
         raise NotImplementedError
 
-    def _zeros(self, variable):
+    def _zeros_like_variable(self, variable):
         """The gradient of a variable no VJP reached."""
         raise NotImplementedError
 

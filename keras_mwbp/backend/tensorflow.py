@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 from keras_mwbp import resume
 from keras_mwbp._compat import operation_fn
+from keras_mwbp._compat import standardize_inputs
 from keras_mwbp.backend.fused_activation import fused_activation
 from keras_mwbp.backend.fused_activation import pre_activation_calls
 
@@ -82,7 +83,7 @@ class TensorFlowStep:
         # Keras's own input handling: dict inputs by name, dtypes, ranks.
         tensors = {
             id(ref): value
-            for ref, value in zip(model.inputs, model._standardize_inputs(x))
+            for ref, value in zip(model.inputs, standardize_inputs(model, x))
         }
         for index, node in enumerate(self.graph.nodes):
             if nodes is not None and index not in nodes:

@@ -180,7 +180,7 @@ class TorchStep(reverse_pass.ReversePassStep):
             # A variable used by several nodes has a leaf in each.
             parts = [g for g in (next(grads) for _ in group) if g is not None]
             result.append(
-                sum(parts[1:], parts[0]) if parts else self._zeros(variable)
+                sum(parts[1:], parts[0]) if parts else self._zeros_like_variable(variable)
             )
         return result
 
@@ -269,7 +269,7 @@ class TorchStep(reverse_pass.ReversePassStep):
             reverse_pass.accumulate(var_grads, key, grad)
         return True
 
-    def _zeros(self, variable):
+    def _zeros_like_variable(self, variable):
         return torch.zeros_like(variable.value).detach()
 
     _is_float = staticmethod(_is_float)

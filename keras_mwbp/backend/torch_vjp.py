@@ -31,6 +31,7 @@ import keras
 import torch
 
 from keras_mwbp._compat import conv_classes
+from keras_mwbp._compat import merges_by_adding
 
 
 def vjp_rule(node, training):
@@ -307,8 +308,7 @@ def _identity_rule(operation, node):
 
 def _add_rule(operation, node):
     if not _keras_call(operation, keras.layers.Add) or (
-        type(operation)._merge_function
-        is not keras.layers.Add._merge_function
+        not merges_by_adding(operation)
     ):
         return None
     args = node.arguments.args

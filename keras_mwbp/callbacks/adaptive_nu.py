@@ -5,6 +5,7 @@ import numbers
 
 import keras
 import numpy as np
+from keras_mwbp import _compat
 from keras_mwbp._compat import io_utils
 
 MODES = {"I": (0.5, 2.0), "II": (2.0, 0.5)}  # mode -> (start, factor)
@@ -91,7 +92,7 @@ class AdaptiveNu(keras.callbacks.Callback):
         self._pending = False
 
     def set_model(self, model):
-        if model is not getattr(self, "_model", None):
+        if model is not _compat.callback_model(self):
             self._last_epoch = None  # Nothing to go on from for this model.
         super().set_model(model)
 
@@ -154,7 +155,7 @@ class AdaptiveNu(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         skipped = getattr(self.model, "_batches_to_skip", 0)
         inner = getattr(optimizer, "loss_optimizers", (optimizer,))[0]
-        schedule = getattr(inner, "_learning_rate", None)
+        schedule = _compat.learning_rate_object(inner)
         if skipped and isinstance(
             schedule, keras.optimizers.schedules.LearningRateSchedule
         ):

@@ -10,6 +10,7 @@ import zlib
 import keras
 import numpy as np
 
+from keras_mwbp import _compat
 from keras_mwbp import backend
 from keras_mwbp.resume import resume_in_epoch
 from keras_mwbp.saving import atomic_path
@@ -138,7 +139,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
-        self._path = os.path.join(self.backup_dir, BACKUP_FILE)
+        self._backup_file = os.path.join(self.backup_dir, BACKUP_FILE)
         self._resume = None
         self._epoch = 0
         self._skip_until = 0
@@ -151,7 +152,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     @property
     def backup_path(self):
         """The backup file, `backup_dir/backup.npz`."""
-        return self._path
+        return self._backup_file
 
     def request_stop(self):
         """Stop training after the running batch, with a backup of it.
@@ -177,7 +178,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         return None if meta is None else meta["epoch"]
 
     def _read_meta(self):
-        if not os.path.exists(self._path):
+        if not os.path.exists(self._backup_file):
             return None
         return self._read(arrays=False)[0]
 
@@ -185,7 +186,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """`(meta, groups)` of the backup file; a damaged file raises a
         `ValueError` that names it."""
         try:
-            with np.load(self._path, allow_pickle=False) as backup:
+            with np.load(self._backup_file, allow_pickle=False) as backup:
                 meta = json.loads(str(backup[_META]))
                 epoch, step = int(meta["epoch"]), int(meta["step"])
                 groups = None
@@ -200,7 +201,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                     ]
         except _READ_ERRORS as error:
             raise ValueError(
-                f"The backup file {self._path!r} is damaged or not a "
+                f"The backup file {self._backup_file!r} is damaged or not a "
                 f"keras_mwbp backup ({type(error).__name__}: "
                 f"{_one_line(error)}). Delete it, or the folder "
                 f"{self.backup_dir!r}, to start over (or pass another "
@@ -225,7 +226,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._skip_until = 0
         self._since_save = 0
         self._position = self._current_position()
-        if not os.path.exists(self._path):
+        if not os.path.exists(self._backup_file):
             check_writable_dir(self.backup_dir, "`backup_dir`")
             return
         meta, groups = self._read()
@@ -259,7 +260,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         # `fit` makes first draws from it (torch's DataLoader draws a seed).
         self._random_state = groups[_RANDOM]
         self._metric_values = groups["metrics"]
-        self.model._initial_epoch = meta["epoch"]
+        _compat.set_initial_epoch(self.model, meta["epoch"])
         self._resume = meta
         self.saved_position = (meta["epoch"], meta["step"])
 
@@ -294,7 +295,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             if before is None and now is None or before == now:
                 continue
             raise ValueError(
-                f"The backup {self._path!r} cannot resume this fit: it was "
+                f"The backup {self._backup_file!r} cannot resume this fit: it was "
                 f"made with {field}={_show(before)}, this fit has "
                 f"{field}={_show(now)}. A backup resumes at a batch of an "
                 "epoch, which means the same samples only with the same "
@@ -331,28 +332,28 @@ class BackupAndRestore(keras.callbacks.Callback):
         if batch < self._skip_until:
             return  # A skipped batch (already trained before the backup).
         if self._stop_requested:
-            self._save(self._epoch, batch + 1, logs)
-            self._stop()
+            self._write_backup(self._epoch, batch + 1, logs)
+            self._halt_after_backup()
         if self.save_freq == "epoch":
             return
         self._since_save += self.model.steps_per_execution
         if self._since_save >= self.save_freq:
             self._since_save = 0
-            self._save(self._epoch, batch + 1, logs)
+            self._write_backup(self._epoch, batch + 1, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         self._skip_until = 0
         if self.save_freq == "epoch" or self._stop_requested:
-            self._save(epoch + 1, 0, logs, epoch_done=True)
+            self._write_backup(epoch + 1, 0, logs, epoch_done=True)
         if self._stop_requested:
-            self._stop()
+            self._halt_after_backup()
 
-    def _stop(self):
+    def _halt_after_backup(self):
         self._stop_requested = False
         epoch, step = self.saved_position
         raise KeyboardInterrupt(
             f"training stopped at epoch {epoch + 1}, batch {step}; the "
-            f"backup {self._path!r} resumes it"
+            f"backup {self._backup_file!r} resumes it"
         )
 
     def on_train_end(self, logs=None):
@@ -380,7 +381,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             "metrics": list(self.model.metrics_variables),
         }
 
-    def _save(self, epoch, step, logs, epoch_done=False):
+    def _write_backup(self, epoch, step, logs, epoch_done=False):
         history = getattr(self.model, "history", None)
         past = {}
         past_epochs = []
@@ -421,7 +422,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         # writes the one backup they share.
         if backend.get().writes_files(self.model):
             os.makedirs(self.backup_dir, exist_ok=True)
-            with atomic_path(self._path) as tmp:
+            with atomic_path(self._backup_file) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, **arrays)
         self.saved_position = (int(epoch), int(step))

@@ -3,6 +3,7 @@
 import os
 
 import keras
+from keras_mwbp import _compat
 from keras_mwbp._compat import file_utils
 from keras_mwbp._compat import io_utils
 
@@ -74,10 +75,10 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             initial_value_threshold=initial_value_threshold,
         )
         super().__init__(filepath, **options)
-        self._config = dict(filepath=self.filepath, **options)
+        self._checkpoint_options = dict(filepath=self.filepath, **options)
 
     def get_config(self):
-        return dict(self._config)
+        return dict(self._checkpoint_options)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -96,12 +97,12 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def _save_model(self, epoch, batch, logs):
         # As Keras's `_save_model`, with the two writes made atomic.
-        filepath = self._get_file_path(epoch, batch, logs)
+        filepath = _compat.checkpoint_file_path(self, epoch, batch, logs)
         if file_utils.is_remote_path(filepath):
             super()._save_model(epoch, batch, logs)
             return
         try:
-            if not self._should_save_model(epoch, batch, logs, filepath):
+            if not _compat.checkpoint_should_save(self, epoch, batch, logs, filepath):
                 return
             if self.save_weights_only:
                 with atomic_path(filepath) as tmp:

@@ -95,45 +95,45 @@ class ProgbarLogger(keras.callbacks.ProgbarLogger):
         self.target = params.get("steps")
 
     def on_train_begin(self, logs=None):
-        self._called_in_fit = True  # Validation inside fit is silent.
+        self._in_fit = True  # Validation inside fit is silent.
 
     def on_test_begin(self, logs=None):
-        if not self._called_in_fit:
-            self._reset_progbar()
+        if not self._in_fit:
+            self._new_bar()
 
     def on_predict_begin(self, logs=None):
-        self._reset_progbar()
+        self._new_bar()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._reset_progbar()
+        self._new_bar()
         if self.verbose and self.epochs > 1:
             _compat.io_utils.print_msg(f"Epoch {epoch + 1}/{self.epochs}")
 
     def on_train_batch_end(self, batch, logs=None):
-        self._update_progbar(batch, logs)
+        self._advance_bar(batch, logs)
 
     def on_test_batch_end(self, batch, logs=None):
-        if not self._called_in_fit:
-            self._update_progbar(batch, logs)
+        if not self._in_fit:
+            self._advance_bar(batch, logs)
 
     def on_predict_batch_end(self, batch, logs=None):
-        self._update_progbar(batch, None)
+        self._advance_bar(batch, None)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._finalize_progbar(logs)
+        self._end_bar(logs)
 
     def on_test_end(self, logs=None):
-        if not self._called_in_fit:
-            self._finalize_progbar(logs)
+        if not self._in_fit:
+            self._end_bar(logs)
 
     def on_predict_end(self, logs=None):
-        self._finalize_progbar(None)
+        self._end_bar(None)
 
-    def _reset_progbar(self):
+    def _new_bar(self):
         self.seen = 0
         self.progbar = None
 
-    def _maybe_init_progbar(self):
+    def _ensure_bar(self):
         if self.progbar is None:
             dynamic = _dynamic_display()
             self.progbar = _CompactProgbar(
@@ -145,14 +145,14 @@ class ProgbarLogger(keras.callbacks.ProgbarLogger):
                 interval=0.05 if dynamic else self.log_interval,
             )
 
-    def _update_progbar(self, batch, logs=None):
-        self._maybe_init_progbar()
+    def _advance_bar(self, batch, logs=None):
+        self._ensure_bar()
         self.seen = batch + 1
         if self.verbose == 1:
             self.progbar.update(self.seen, logs or {}, finalize=False)
 
-    def _finalize_progbar(self, logs):
-        self._maybe_init_progbar()
+    def _end_bar(self, logs):
+        self._ensure_bar()
         if self.target is None:
             self.target = self.seen
             self.progbar.target = self.target
@@ -174,24 +174,24 @@ class _CompactProgbar:
         self.columns = columns
         self.dynamic = dynamic
         self.interval = interval
-        self._start = time.time()
+        self._began = time.time()
         # Non-dynamic output waits `interval` before its first line.
-        self._last_update = 0.0 if dynamic else self._start
-        self._time_after_first_step = None
+        self._last_drawn = 0.0 if dynamic else self._began
+        self._first_step_end = None
         self._prev_width = 0
 
     def update(self, current, logs, finalize):
         now = time.time()
         per_step = self._step_duration(current, now)
         if self.verbose == 1:
-            if now - self._last_update < self.interval and not finalize:
+            if now - self._last_drawn < self.interval and not finalize:
                 return
             lines = self._bar_lines(current, logs, finalize, now, per_step)
         elif self.verbose == 2 and finalize:
             lines = self._summary_lines(current, logs, now, per_step)
         else:
             return
-        self._last_update = now
+        self._last_drawn = now
         if not self.dynamic:
             message = "\n".join(_plain(line) for line in lines) + "\n"
         else:
@@ -215,7 +215,7 @@ class _CompactProgbar:
     def _bar_lines(self, current, logs, finalize, now, per_step):
         count = _bold(self._count(current))
         if finalize or not self.target:
-            timing = f"{now - self._start:.0f}s"
+            timing = f"{now - self._began:.0f}s"
         else:
             timing = _eta(per_step * (self.target - current))
         timing = _bold(timing) + " " + _per_step(per_step)
@@ -243,7 +243,7 @@ class _CompactProgbar:
 
     def _summary_lines(self, current, logs, now, per_step):
         head = (
-            f"{self._count(current)} - {now - self._start:.0f}s - "
+            f"{self._count(current)} - {now - self._began:.0f}s - "
             f"{_per_step(per_step)}"
         )
         for sep in (" | ", "|"):
@@ -276,12 +276,12 @@ class _CompactProgbar:
     def _step_duration(self, current, now):
         if not current:
             return 0.0
-        if self._time_after_first_step is not None and current > 1:
-            duration = (now - self._time_after_first_step) / (current - 1)
+        if self._first_step_end is not None and current > 1:
+            duration = (now - self._first_step_end) / (current - 1)
         else:
-            duration = (now - self._start) / current
+            duration = (now - self._began) / current
         if current == 1:
-            self._time_after_first_step = now
+            self._first_step_end = now
         return duration
 
 

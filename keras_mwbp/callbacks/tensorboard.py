@@ -5,6 +5,8 @@ import re
 
 import keras
 
+from keras_mwbp import _compat
+
 LAYOUT_TITLE = "multi-way BP"
 # Chart titles of the layout, in order.
 LOSS_CHART = "loss"
@@ -147,8 +149,8 @@ class TensorBoard(keras.callbacks.TensorBoard):
         from tensorboard.summary import v1 as summary_v1
 
         proto = summary_v1.custom_scalar_pb(self.layout())
-        with self._train_writer.as_default():
+        with _compat.train_writer(self).as_default():
             self.summary.experimental.write_raw_pb(
                 proto.SerializeToString(), step=0
             )
-        self._train_writer.flush()
+        _compat.train_writer(self).flush()
