@@ -24,19 +24,15 @@ import signal
 import sys
 import zipfile
 
+from keras_mwbp import constants
 from keras_mwbp import recipe
 
-# Copies of keras_mwbp's constants, so that parsing arguments imports no
-# module that imports Keras (tests/test_cli_startup.py checks that they
-# match `keras_mwbp.multi_way_model.METHODS`, `CIFAR_RESNET_PRESETS`,
-# `keras_mwbp.data.DATASETS` and `TFDS_DATASETS`).
-METHODS = (
-    "standard", "joint", "relay", "mwbp", "reverse_mwbp", "naive_mwbp",
-    "naive_reverse_mwbp",
-)
-RESNET_DEPTHS = (8, 14, 20, 32, 44, 56, 110, 1202)
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "svhn_cropped")
-TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped")
+# From keras_mwbp.constants, which imports nothing, so that parsing
+# arguments imports no module that imports Keras.
+METHODS = constants.METHODS
+RESNET_DEPTHS = constants.RESNET_DEPTHS
+DATASETS = constants.DATASETS
+TFDS_DATASETS = constants.TFDS_DATASETS
 
 # Fractions of the run after which the learning rate is divided by 10 (the
 # paper's CIFAR recipe).

@@ -6,6 +6,8 @@ import numpy as np
 from sklearn import datasets
 from sklearn import model_selection
 
+from keras_mwbp import constants
+
 
 def load_digits(test_fraction=0.25, seed=0):
     """scikit-learn's bundled 8x8 handwritten digits, split for training.
@@ -50,11 +52,11 @@ def load_digits(test_fraction=0.25, seed=0):
 # tf.data pipelines: `load(name, ...)`.
 # --------------------------------------------------------------------------
 
-#: The names `load` accepts.
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "svhn_cropped")
+#: The names `load` accepts (keras_mwbp.constants).
+DATASETS = constants.DATASETS
 
 #: The names `load` reads from a local tensorflow-datasets copy.
-TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped")
+TFDS_DATASETS = constants.TFDS_DATASETS
 
 #: Per-channel mean and standard deviation of the training images, scaled
 #: to [0, 1]; fixed constants, so that train and test use the same ones.

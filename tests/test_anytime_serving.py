@@ -225,10 +225,3 @@ def test_cli_calibrate_errors_are_one_line(tmp_path):
     assert done.stderr.strip().endswith(
         "argument --max-drop: must be a percentage in [0, 100], got -1")
     assert done.stderr.count("\n") == 1
-
-
-def test_cli_dataset_names_match_the_library():
-    from keras_mwbp.anytime import cli as anytime_cli
-    from keras_mwbp.data import DATASETS
-
-    assert anytime_cli.DATASETS == DATASETS

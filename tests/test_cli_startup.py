@@ -132,15 +132,33 @@ def test_train_help_has_no_formatting_artefacts(capsys, monkeypatch):
     assert "(default: 64)" in out
 
 
-def test_copied_constants_match_the_library():
-    from keras_mwbp import data
-    from keras_mwbp.models import CIFAR_RESNET_PRESETS
-    from keras_mwbp.multi_way_model import METHODS
+def test_the_shared_constants_have_one_source_that_imports_nothing():
+    """keras_mwbp.constants imports no module; the library, the CLIs and
+    the zoo use its objects, not copies of them."""
+    done = _python("""
+        import sys
+        before = set(sys.modules)
+        import keras_mwbp.constants
+        print(sorted(set(sys.modules) - before))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["['keras_mwbp',", "'keras_mwbp.constants']"]
 
-    assert cli.METHODS == METHODS
-    assert cli.RESNET_DEPTHS == tuple(sorted(CIFAR_RESNET_PRESETS))
-    assert cli.DATASETS == data.DATASETS
-    assert cli.TFDS_DATASETS == data.TFDS_DATASETS
+    from keras_mwbp import algorithm, constants, data, multi_way_model
+    from keras_mwbp.anytime import cli as anytime_cli
+    from keras_mwbp.models import CIFAR_RESNET_PRESETS
+
+    for user, name in [
+        (cli, "METHODS"), (multi_way_model, "METHODS"),
+        (multi_way_model, "MULTIWAY_METHODS"), (algorithm, "MULTIWAY_METHODS"),
+        (multi_way_model, "WEIGHTINGS"), (multi_way_model, "NAN_POLICIES"),
+        (cli, "DATASETS"), (data, "DATASETS"), (anytime_cli, "DATASETS"),
+        (cli, "TFDS_DATASETS"), (data, "TFDS_DATASETS"),
+        (cli, "RESNET_DEPTHS"),
+    ]:
+        assert getattr(user, name) is getattr(constants, name), (user, name)
+    assert CIFAR_RESNET_PRESETS is constants.CIFAR_RESNET_PRESETS
+    assert constants.RESNET_DEPTHS == tuple(sorted(CIFAR_RESNET_PRESETS))
 
 
 def test_tensorflow_start_up_lines_stay_out_of_the_output(tmp_path):

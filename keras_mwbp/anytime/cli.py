@@ -16,9 +16,11 @@ import argparse
 import math
 import os
 
-# A copy of `keras_mwbp.data.DATASETS`, so that building the parser imports
-# nothing heavy (tests/test_anytime_serving.py checks that they match).
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "svhn_cropped")
+from keras_mwbp import constants
+
+# From keras_mwbp.constants, so that building the parser imports nothing
+# heavy.
+DATASETS = constants.DATASETS
 
 
 def _fraction(text):

@@ -10,6 +10,7 @@ blocks) lies `2 * b + 1` weight layers deep.
 
 from keras import layers
 
+from keras_mwbp import constants
 from keras_mwbp.heads import FINAL_HEAD
 from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
@@ -18,16 +19,7 @@ from keras_mwbp.heads import pool_dense
 from keras_mwbp.multi_way_model import MultiWayModel
 
 # Residual blocks per stage for each depth `6n + 2` of He et al.
-CIFAR_RESNET_PRESETS = {
-    8: 1,
-    14: 2,
-    20: 3,
-    32: 5,
-    44: 7,
-    56: 9,
-    110: 18,
-    1202: 200,
-}
+CIFAR_RESNET_PRESETS = constants.CIFAR_RESNET_PRESETS
 STAGE_FILTERS = (16, 32, 64)
 
 
