@@ -35,11 +35,12 @@ import keras
 
 from keras_mwbp import _compat
 from keras_mwbp import backend as backends
+from keras_mwbp import constants
 from keras_mwbp import labels
+from keras_mwbp import nan_policy
 
 # Methods with one optimizer and one update per loss.
-MULTIWAY_METHODS = ("mwbp", "reverse_mwbp", "naive_mwbp", "naive_reverse_mwbp")
-STATE_HEAD = -2  # nan_policy's "head" of the forward pass's new state.
+MULTIWAY_METHODS = constants.MULTIWAY_METHODS
 
 Objective = collections.namedtuple("Objective", ["value", "coefficients"])
 Objective.__doc__ = """A linear combination of the head losses.
@@ -141,7 +142,7 @@ class TrainingStep:
                      if keras.backend.is_float_dtype(v.dtype)]
             if state:
                 self.finite_flags.append(
-                    (STATE_HEAD, backend.all_finite(state))
+                    (nan_policy.STATE_HEAD, backend.all_finite(state))
                 )
         after = [total] + taken
         # 2. The backward passes and updates of the method.
@@ -153,7 +154,8 @@ class TrainingStep:
                 grads = self.summed_gradients(step, seeds, gammas)
             else:
                 grads = step.gradients(grad_objective, variables)
-            self.apply(0, grads, variables, after=after, head=-1)
+            self.apply(0, grads, variables, after=after,
+                       head=nan_policy.JOINT_HEAD)
         model.optimizer.finish_step()
         update_metrics(model, x, y, y_pred, sample_weight, head_losses, total)
         applied = self.undo_unless_finite(snapshot) if snapshot else None
@@ -258,13 +260,14 @@ class TrainingStep:
         ]
 
     # --------------------------------------------------------------- update
-    def apply(self, index, grads, variables, after=(), head=-1, decay=None):
+    def apply(self, index, grads, variables, after=(),
+              head=nan_policy.JOINT_HEAD, decay=None):
         """Adds the variables' regularizer gradients and the coupled weight
         decay, applies optimizer i once every gradient of the loss (and every
         tensor of `after`) exists.
 
         Under nan_policy "zero" NaN gradient entries become 0; under the other
-        policies the gradients' finiteness is recorded for head `head` (-1:
+        policies the gradients' finiteness is recorded for head `head` (`nan_policy.JOINT_HEAD`:
         the joint objective). `decay` holds a factor per variable of the
         weight decay term (`None`: 1 for all)."""
         backend = self.backend

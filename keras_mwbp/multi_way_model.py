@@ -6,8 +6,10 @@ import keras
 
 from keras_mwbp import _compat
 from keras_mwbp import compile_handling
+from keras_mwbp import constants
 from keras_mwbp import data_order
 from keras_mwbp import labels
+from keras_mwbp.nan_policy import NAN_POLICIES
 from keras_mwbp import weighting as loss_weights
 from keras_mwbp import algorithm
 from keras_mwbp import backend as backends
@@ -16,20 +18,9 @@ from keras_mwbp.graph import HeadGraph
 from keras_mwbp.graph import check_outputs_depend_on_inputs
 from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
 
-METHODS = (
-    "standard",
-    "joint",
-    "relay",
-    "mwbp",
-    "reverse_mwbp",
-    "naive_mwbp",
-    "naive_reverse_mwbp",
-)
-# Methods with one optimizer and one update per loss, in this order of losses.
-MULTIWAY_METHODS = algorithm.MULTIWAY_METHODS
-WEIGHTINGS = ("paper", "reference_code")
-NAN_POLICIES = ("raise", "skip_step", "zero")
-_STATE_HEAD = algorithm.STATE_HEAD  # nan_policy's "head" of the new state.
+METHODS = constants.METHODS
+MULTIWAY_METHODS = constants.MULTIWAY_METHODS
+WEIGHTINGS = constants.WEIGHTINGS
 # The attributes `compile()` sets (Keras's and this class's), put back when
 # it fails part way.
 _COMPILE_STATE = (
@@ -642,22 +633,6 @@ class MultiWayModel(keras.Model):
         train_function._keras_mwbp_wrapped = True
         self.train_function = train_function
         return train_function
-
-    def _nonfinite_message(self, step, head):
-        if head == _STATE_HEAD:
-            where = "the layers' new state (e.g. BatchNorm statistics)"
-        elif head < 0:
-            where = "the gradient of the joint objective"
-        else:
-            where = (f"the loss or a gradient of head {head} "
-                     f"('{self.output_names[head]}')")
-        return (
-            f"nan_policy='raise': {where} is not finite at training step "
-            f"{step} (optimizer iterations, counted from 0). The step was not "
-            "applied: every weight and optimizer state is as before it. "
-            "Pass nan_policy='skip_step' to skip such steps, or 'zero' to "
-            "replace NaN gradients by zero."
-        )
 
     def train_step(self, *args):
         """One training step (`keras_mwbp.algorithm.TrainingStep`), as the

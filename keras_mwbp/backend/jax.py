@@ -30,6 +30,7 @@ import numpy as np
 
 from keras_mwbp import _compat
 from keras_mwbp import resume
+from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
 
 # Key of the nan_policy="raise" report in the step's logs (removed by the
@@ -174,7 +175,8 @@ def wrap_train_function(model, function):
             ok, step, head = (int(v) for v in np.asarray(report))
             if not ok:
                 _compat.jax_state_sync(model, state)
-                raise FloatingPointError(model._nonfinite_message(step, head))
+                raise FloatingPointError(
+                    nonfinite_message(model.output_names, step, head))
         return logs, state
 
     return train_function
@@ -215,7 +217,7 @@ def zero_nans(grads):
 
 def first_failure(flags):
     """`(ok, head)`: whether every flag holds, and the head of the first that
-    does not (-1: the joint objective's gradient). Under
+    does not (`nan_policy.JOINT_HEAD`: the joint objective's gradient). Under
     `keras.distribution` the arrays are global, so every device agrees."""
     bad = jnp.stack([jnp.logical_not(f) for _, f in flags]).astype("float32")
     heads = jnp.asarray([h for h, _ in flags], "int32")

@@ -30,6 +30,7 @@ import re
 import keras
 import tensorflow as tf
 from keras_mwbp import resume
+from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp._compat import operation_fn
 from keras_mwbp._compat import standardize_inputs
 from keras_mwbp.backend.fused_activation import fused_activation
@@ -311,7 +312,7 @@ def wrap_train_function(model, function):
             if failure is None:
                 raise
             raise FloatingPointError(
-                model._nonfinite_message(*failure)
+                nonfinite_message(model.output_names, *failure)
             ) from None
 
     return train_function

@@ -33,6 +33,7 @@ import keras
 import torch
 
 from keras_mwbp import resume
+from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
 from keras_mwbp.backend import torch_vjp
 
@@ -307,7 +308,7 @@ def wrap_train_function(model, function):
             return function(data)
         except NonFiniteStep as failure:
             raise FloatingPointError(
-                model._nonfinite_message(failure.step, failure.head)
+                nonfinite_message(model.output_names, failure.step, failure.head)
             ) from None
 
     return train_function
@@ -352,7 +353,7 @@ def zero_nans(grads):
 
 def first_failure(flags):
     """`(ok, head)`: whether every flag holds, and the head of the first that
-    does not (-1: the joint objective's gradient)."""
+    does not (`nan_policy.JOINT_HEAD`: the joint objective's gradient)."""
     bad = torch.stack([torch.logical_not(f) for _, f in flags])
     heads = torch.tensor([h for h, _ in flags], dtype=torch.int32)
     ok = torch.logical_not(bad.any())
