@@ -79,7 +79,7 @@ def main(args, results, set_threads):
     import keras
 
     from keras_mwbp.models import cifar_resnet
-    from keras_mwbp.train_heads import train_heads
+    from keras_mwbp.head_training import train_heads
 
     batch = 128
     try:

@@ -164,7 +164,7 @@ def execute_group(configs, on_row):
     import keras
 
     from keras_mwbp.callbacks import AdaptiveNu
-    from keras_mwbp.train_heads import train_heads
+    from keras_mwbp.head_training import train_heads
 
     if not configs:
         return

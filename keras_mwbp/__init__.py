@@ -29,7 +29,7 @@ _NAMES = {
     "attach_heads": "keras_mwbp.attach",
     "gammas_from_depths": "keras_mwbp.weighting",
     "place_heads": "keras_mwbp.placement",
-    "train_heads": "keras_mwbp.train_heads",
+    "train_heads": "keras_mwbp.head_training",
     "WarmupStepDecay": "keras_mwbp.warmup_step_decay",
 }
 # The modules whose import registers the classes saved in `.keras` files.

@@ -1,4 +1,4 @@
-"""`keras_mwbp.train_heads`: frozen-trunk training of the auxiliary heads."""
+"""`keras_mwbp.train_heads` (keras_mwbp/head_training.py): frozen-trunk training of the auxiliary heads."""
 
 import warnings
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from keras_mwbp import MultiWayModel
-from keras_mwbp.train_heads import train_heads
+from keras_mwbp.head_training import train_heads
 
 # Every layer the final output depends on: the trunk (final head included).
 TRUNK = ("d1", "bn1", "d2", "bn2", "final")
@@ -193,13 +193,19 @@ def test_heads_without_own_layers_refused():
         train_heads(model, (x, y), epochs=1)
 
 
-def test_exported_and_callable_after_submodule_import():
+def test_exported_as_a_function_after_its_module_is_imported():
+    """`keras_mwbp.train_heads` is the function, also once its module is
+    imported (a module of the same name would replace it: no such module)."""
     import importlib
+    import importlib.util
+    import types
 
     import keras_mwbp
 
-    importlib.import_module("keras_mwbp.train_heads")  # sets the attribute
+    importlib.import_module("keras_mwbp.head_training")
     assert "train_heads" in keras_mwbp.__all__
+    assert isinstance(keras_mwbp.train_heads, types.FunctionType)
+    assert importlib.util.find_spec("keras_mwbp.train_heads") is None
     x, y = _data()
     model = _model()
     kernel = model.get_layer("head_1").kernel.numpy()

@@ -5,8 +5,6 @@ are compared after their auxiliary heads are trained on the frozen trunk.
 """
 
 import numbers
-import sys
-import types
 
 import keras
 import numpy as np
@@ -306,19 +304,3 @@ def _permutation(num_samples, seed, epoch):
 
 def _take(x, order):
     return keras.tree.map_structure(lambda a: np.asarray(a)[order], x)
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as `train_heads`.
-
-    Importing the submodule `keras_mwbp.train_heads` makes Python set the
-    package attribute `keras_mwbp.train_heads` to the module, hiding the
-    function of the same name; calling the module calls the function, so
-    `keras_mwbp.train_heads(model, data, epochs)` works either way.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return train_heads(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
