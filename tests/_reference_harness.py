@@ -16,6 +16,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import reference_numpy as ref  # noqa: E402
+from conftest import sparse_ce  # noqa: E402, F401 (the harness's users import it here)
 
 GAMMAS = (0.3, 0.6, 1.0)
 LEARNING_RATE = 0.1
@@ -243,10 +244,6 @@ def sgd(nesterov=False):
     return keras.optimizers.SGD(
         learning_rate=LEARNING_RATE, momentum=MOMENTUM, nesterov=nesterov
     )
-
-
-def sparse_ce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 # --------------------------------------------------------------------------

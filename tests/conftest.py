@@ -103,6 +103,11 @@ def sparse_ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def to_numpy(value):
+    """A Keras variable or tensor as a NumPy array."""
+    return keras.ops.convert_to_numpy(value)
+
+
 def sgd(learning_rate=0.1, momentum=0.9):
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
 

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import keras_mwbp
+from conftest import sgd
+from conftest import sparse_ce
 from keras_mwbp import cli
 from keras_mwbp import data as mw_data
 from keras_mwbp import heads
@@ -41,14 +43,6 @@ def graph(num_classes=NUM_CLASSES):
 def model(**kwargs):
     inputs, outputs = graph()
     return keras_mwbp.MultiWayModel(inputs, outputs, **kwargs)
-
-
-def sparse_ce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def sgd():
-    return keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
 
 
 def dense_chain(depth, name):

@@ -21,6 +21,7 @@ from conftest import mlp_graph
 from conftest import mlp_model
 from conftest import sgd
 from conftest import sparse_ce
+from conftest import to_numpy
 from conftest import weights_by_path
 from keras_mwbp import MultiWayModel
 
@@ -29,10 +30,6 @@ METHODS = ("mwbp", "joint", "standard")
 HEADS = ("h0", "h1", "final")
 # Training logs also carry nu and the loss weights (not validation logs).
 SCHEDULE_KEYS = {"nu", "gamma_0", "gamma_1", "gamma_2"}
-
-
-def to_numpy(value):
-    return keras.ops.convert_to_numpy(value)
 
 
 def batches(num, size=8, seed=0):

@@ -13,15 +13,12 @@ from conftest import copy_weights
 from conftest import mlp_data
 from conftest import mlp_graph
 from conftest import sparse_ce
+from conftest import to_numpy
 from keras_mwbp import MultiWayOptimizer
 
 pytestmark = pytest.mark.oldest_keras()
 
 LR = 0.1
-
-
-def to_numpy(value):
-    return keras.ops.convert_to_numpy(value)
 
 
 def momentum_name(variable):

@@ -22,16 +22,13 @@ from conftest import mlp_data
 from conftest import mlp_model
 from conftest import sgd
 from conftest import sparse_ce
+from conftest import to_numpy
 from keras_mwbp.saving import save_model
 
 pytestmark = pytest.mark.oldest_keras()
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
-
-
-def to_numpy(value):
-    return keras.ops.convert_to_numpy(value)
 
 
 def optimizer_state(model):

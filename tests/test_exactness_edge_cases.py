@@ -1,5 +1,5 @@
-"""Tests that catch the silent wrong results of issue #9 ("Tests that would
-not have caught a bug").
+"""Exactness at the edges: three cases where a wrong step would still train,
+so that only a comparison with an independent computation tells.
 
 Each part was written against a mutation of the code that the rest of the
 suite did not notice:
