@@ -15,7 +15,8 @@ supplies:
 - the ordering and checking helpers of an update (`after`, `token`,
   `control_dependencies`, `all_finite`, `zero_nans`, `first_failure`,
   `snapshot`, `restore_unless`, `assert_finite_step`), `num_replicas` and
-  `regularization_gradients`;
+  `regularization_gradients` (`all_finite` and `zero_nans` are written once,
+  with `keras.ops`, in `numerics.py`, and re-exported by each backend);
 - `train_step(model, ...)` and `wrap_train_function(model)`: how Keras's
   trainer of that backend calls the step (TensorFlow: `train_step(data)` on
   variables; JAX: a stateless, jit-compiled `train_step(state, data)`;

@@ -32,6 +32,8 @@ from keras_mwbp import _compat
 from keras_mwbp import resume
 from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
+from keras_mwbp.backend.numerics import all_finite  # noqa: F401
+from keras_mwbp.backend.numerics import zero_nans  # noqa: F401
 
 # Key of the nan_policy="raise" report in the step's logs (removed by the
 # wrapped train function before Keras sees the logs).
@@ -205,14 +207,8 @@ def snapshot(variables):
     return [(v, v.value) for v in variables]
 
 
-def all_finite(tensors):
-    """A scalar boolean: every entry of every tensor is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(t)) for t in tensors]))
 
 
-def zero_nans(grads):
-    """The gradients with every NaN entry replaced by 0 (infinities kept)."""
-    return [jnp.where(jnp.isnan(g), jnp.zeros_like(g), g) for g in grads]
 
 
 def first_failure(flags):

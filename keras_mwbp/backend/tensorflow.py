@@ -33,6 +33,8 @@ from keras_mwbp import resume
 from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp._compat import operation_fn
 from keras_mwbp._compat import standardize_inputs
+from keras_mwbp.backend.numerics import all_finite  # noqa: F401
+from keras_mwbp.backend.numerics import zero_nans  # noqa: F401
 from keras_mwbp.backend.fused_activation import fused_activation
 from keras_mwbp.backend.fused_activation import pre_activation_calls
 
@@ -403,16 +405,8 @@ def token(tensors):
         return tf.constant(True)
 
 
-def all_finite(tensors):
-    """A scalar boolean: every entry of every tensor is finite."""
-    return tf.reduce_all(
-        [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
-    )
 
 
-def zero_nans(grads):
-    """The gradients with every NaN entry replaced by 0 (infinities kept)."""
-    return [tf.where(tf.math.is_nan(g), tf.zeros_like(g), g) for g in grads]
 
 
 def control_dependencies(dependencies):

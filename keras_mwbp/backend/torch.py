@@ -35,6 +35,8 @@ import torch
 from keras_mwbp import resume
 from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
+from keras_mwbp.backend.numerics import all_finite  # noqa: F401
+from keras_mwbp.backend.numerics import zero_nans  # noqa: F401
 from keras_mwbp.backend import torch_vjp
 
 
@@ -338,17 +340,8 @@ def snapshot(variables):
     return [(v, _copy(v.value)) for v in variables]
 
 
-def all_finite(tensors):
-    """A scalar boolean: every entry of every tensor is finite."""
-    return torch.stack([
-        torch.all(torch.isfinite(keras.ops.convert_to_tensor(t)))
-        for t in tensors
-    ]).all()
 
 
-def zero_nans(grads):
-    """The gradients with every NaN entry replaced by 0 (infinities kept)."""
-    return [torch.where(torch.isnan(g), torch.zeros_like(g), g) for g in grads]
 
 
 def first_failure(flags):
