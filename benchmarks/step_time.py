@@ -141,7 +141,7 @@ def authors_loop_step(method, reference, x, y, args):
     import authors_loop
 
     from keras_mwbp.models.cifar_resnet import CIFAR_RESNET_PRESETS
-    from keras_mwbp.models.cifar_resnet import official_taps
+    from keras_mwbp.models.taps import official_taps
 
     blocks = CIFAR_RESNET_PRESETS[args.depth]
     step, network = authors_loop.make_step(

@@ -215,7 +215,7 @@ def check_architecture(model, net):
 
 
 def authors_loop_taps():
-    from keras_mwbp.models.cifar_resnet import official_taps
+    from keras_mwbp.models.taps import official_taps
 
     return official_taps(3 * BLOCKS_PER_STAGE, NUM_LOSSES)
 

@@ -13,50 +13,20 @@ from keras import layers
 from keras_mwbp import constants
 from keras_mwbp.heads import FINAL_HEAD
 from keras_mwbp.heads import batch_normalization
-from keras_mwbp.heads import bn_relu_pool_dense
-from keras_mwbp.heads import output_name
 from keras_mwbp.heads import pool_dense
-from keras_mwbp.multi_way_model import MultiWayModel
+from keras_mwbp.models.blocks import apply_conv
+from keras_mwbp.models.blocks import apply_stages
+from keras_mwbp.models.blocks import apply_stem
+from keras_mwbp.models.taps import check_heads
+from keras_mwbp.models.taps import check_taps  # noqa: F401 (its old home)
+from keras_mwbp.models.taps import official_taps  # noqa: F401 (its old home)
+from keras_mwbp.models.zoo_common import check_positive_int
+from keras_mwbp.models.zoo_common import multiway_model
 
 # Residual blocks per stage for each depth `6n + 2` of He et al.
 CIFAR_RESNET_PRESETS = constants.CIFAR_RESNET_PRESETS
 STAGE_FILTERS = (16, 32, 64)
 
-
-_CONVOLUTIONS = {3: layers.Conv1D, 4: layers.Conv2D, 5: layers.Conv3D}
-
-
-def apply_conv(x, filters, kernel_size, strides, name, groups=1):
-    """Bias-free "same" convolution with He-normal initialization, as in
-    every layer of the zoo's networks before a BN. Its rank follows `x`:
-    `Conv1D` for `(batch, length, channels)`, `Conv2D` for images,
-    `Conv3D` for volumes."""
-    rank = len(x.shape)
-    if rank not in _CONVOLUTIONS:
-        raise ValueError(
-            "The input of a zoo network must have 1, 2 or 3 spatial axes "
-            "and a channel axis: `input_shape` `(length, channels)`, "
-            "`(height, width, channels)` or `(depth, height, width, "
-            f"channels)`. Received: a feature of shape {tuple(x.shape)} "
-            f"before layer {name!r}"
-        )
-    return _CONVOLUTIONS[rank](
-        filters,
-        kernel_size,
-        strides=strides,
-        padding="same",
-        use_bias=False,
-        groups=groups,
-        kernel_initializer="he_normal",
-        name=name,
-    )(x)
-
-
-def apply_stem(x, filters):
-    """3x3 convolution -> BN -> ReLU, layers named `"stem_..."`."""
-    x = apply_conv(x, filters, 3, 1, "stem_conv")
-    x = batch_normalization("stem_bn")(x)
-    return layers.ReLU(name="stem_relu")(x)
 
 
 def apply_basic_block(x, filters, strides, name):
@@ -100,33 +70,7 @@ def apply_trunk(x, blocks_per_stage, stage_filters=STAGE_FILTERS):
         List of the outputs of all residual blocks, first to last.
     """
     x = apply_stem(x, stage_filters[0])
-    block_outputs = []
-    for stage, filters in enumerate(stage_filters):
-        for index in range(blocks_per_stage):
-            strides = 2 if stage > 0 and index == 0 else 1
-            name = f"block_{len(block_outputs) + 1}"
-            x = apply_basic_block(x, filters, strides, name)
-            block_outputs.append(x)
-    return block_outputs
-
-
-def official_taps(num_blocks, num_losses):
-    """Blocks that carry the auxiliary heads in the paper's placement.
-
-    The `num_losses - 1` auxiliary heads sit every `num_blocks // num_losses`
-    blocks, counted back from the last block (which feeds the final head).
-    For ResNet-56 (27 blocks) with 5 losses this gives blocks 7, 12, 17, 22,
-    the paper's layers 15, 25, 35, 45 (Table 6).
-
-    Args:
-        num_blocks: Residual blocks in the network.
-        num_losses: Number of losses, final included; at most `num_blocks`.
-
-    Returns:
-        List of 1-based block indices, shallowest first.
-    """
-    spacing = num_blocks // num_losses
-    return [num_blocks - spacing * k for k in range(num_losses - 1, 0, -1)]
+    return apply_stages(x, apply_basic_block, blocks_per_stage, stage_filters)
 
 
 def cifar_resnet(
@@ -189,59 +133,16 @@ def cifar_resnet(
             f"{sorted(CIFAR_RESNET_PRESETS)}. Received: depth={depth!r}"
         )
     num_blocks = 3 * CIFAR_RESNET_PRESETS[depth]
-    if (
-        isinstance(num_losses, bool)
-        or not isinstance(num_losses, int)
-        or not 1 <= num_losses <= num_blocks
-    ):
-        raise ValueError(
-            f"`num_losses` must be an integer from 1 to {num_blocks} (the "
-            f"residual blocks of ResNet-{depth}). "
-            f"Received: num_losses={num_losses!r}"
-        )
-    if taps is None:
-        taps = official_taps(num_blocks, num_losses)
-    check_taps(taps, num_blocks, num_losses)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(
-            f"`width` must be a positive integer. Received: width={width!r}"
-        )
-    head = head or bn_relu_pool_dense
+    taps = check_heads(num_losses, taps, num_blocks, f"ResNet-{depth}",
+                       blocks="residual blocks")
+    check_positive_int(width, "width")
 
     inputs = layers.Input(shape=input_shape, name="image")
     block_outputs = apply_trunk(
         inputs, CIFAR_RESNET_PRESETS[depth], (width, 2 * width, 4 * width)
     )
-    outputs = [
-        output_name(
-            head(block_outputs[block - 1], num_classes, f"head_{index}"),
-            f"head_{index}",
-        )
-        for index, block in enumerate(taps)
-    ]
-    outputs.append(output_name(
-        pool_dense(block_outputs[-1], num_classes, FINAL_HEAD), FINAL_HEAD
-    ))
-    return MultiWayModel(
-        inputs=inputs,
-        outputs=outputs,
-        method=method,
-        nu=nu,
-        **{"name": f"cifar_resnet{depth}", **kwargs},
+    return multiway_model(
+        inputs, block_outputs,
+        lambda: pool_dense(block_outputs[-1], num_classes, FINAL_HEAD),
+        taps, num_classes, head, method, nu, f"cifar_resnet{depth}", **kwargs,
     )
-
-
-def check_taps(taps, num_blocks, num_losses):
-    """Raises `ValueError` unless `taps` places `num_losses - 1` heads."""
-    if (
-        not isinstance(taps, (list, tuple))
-        or len(taps) != num_losses - 1
-        or any(isinstance(t, bool) or not isinstance(t, int) for t in taps)
-        or any(not 1 <= t < num_blocks for t in taps)
-        or any(a >= b for a, b in zip(taps, taps[1:]))
-    ):
-        raise ValueError(
-            f"`taps` must list num_losses - 1 = {num_losses - 1} strictly "
-            f"increasing block indices from 1 to {num_blocks - 1}. "
-            f"Received: taps={taps!r}"
-        )

@@ -11,22 +11,16 @@ concatenations.
 
 from keras import layers
 
-from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
-from keras_mwbp.models.zoo_common import apply_conv
-from keras_mwbp.models.zoo_common import check_heads
+from keras_mwbp.models.blocks import apply_bn_relu
+from keras_mwbp.models.blocks import apply_conv
+from keras_mwbp.models.taps import check_heads
 from keras_mwbp.models.zoo_common import check_positive_int
 from keras_mwbp.models.zoo_common import is_int
 from keras_mwbp.models.zoo_common import multiway_model
 
 BOTTLENECK_FACTOR = 4
 COMPRESSION = 0.5
-
-
-def apply_bn_relu(x, name):
-    """BN -> ReLU, layers `"{name}_bn"`, `"{name}_relu"`."""
-    x = batch_normalization(f"{name}_bn")(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
 
 
 def apply_dense_layer(x, growth_rate, name):
@@ -40,9 +34,9 @@ def apply_dense_layer(x, growth_rate, name):
     Returns:
         `channels + k` maps (layer `"{name}_out"`).
     """
-    y = apply_bn_relu(x, f"{name}_1")
+    y = apply_bn_relu(x, f"{name}_1_bn", f"{name}_1_relu")
     y = apply_conv(y, BOTTLENECK_FACTOR * growth_rate, 1, 1, f"{name}_conv1")
-    y = apply_bn_relu(y, f"{name}_2")
+    y = apply_bn_relu(y, f"{name}_2_bn", f"{name}_2_relu")
     y = apply_conv(y, growth_rate, 3, 1, f"{name}_conv2")
     return layers.Concatenate(name=f"{name}_out")([x, y])
 
@@ -50,7 +44,7 @@ def apply_dense_layer(x, growth_rate, name):
 def apply_transition(x, name):
     """BN -> ReLU -> 1x1 conv (half the channels) -> 2x2 average pooling."""
     filters = int(x.shape[-1] * COMPRESSION)
-    x = apply_bn_relu(x, name)
+    x = apply_bn_relu(x, f"{name}_bn", f"{name}_relu")
     x = apply_conv(x, filters, 1, 1, f"{name}_conv")
     return layers.AveragePooling2D(2, name=f"{name}_pool")(x)
 

@@ -16,8 +16,8 @@ from keras import layers
 
 from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import pool_dense
-from keras_mwbp.models.zoo_common import apply_conv
-from keras_mwbp.models.zoo_common import check_heads
+from keras_mwbp.models.blocks import apply_conv
+from keras_mwbp.models.taps import check_heads
 from keras_mwbp.models.zoo_common import multiway_model
 
 # (expansion, output channels, blocks, stride of the first block); the second

@@ -12,10 +12,10 @@ of the pre-activated input (no BN), as in the authors' code.
 
 from keras import layers
 
-from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
-from keras_mwbp.models.zoo_common import apply_conv
-from keras_mwbp.models.zoo_common import check_heads
+from keras_mwbp.models.blocks import apply_bn_relu
+from keras_mwbp.models.blocks import apply_conv
+from keras_mwbp.models.taps import check_heads
 from keras_mwbp.models.zoo_common import multiway_model
 
 # depth -> (unit, units per stage). Basic: 6n + 2; bottleneck: 9n + 2.
@@ -32,12 +32,6 @@ PREACT_RESNET_PRESETS = {
 }
 STAGE_FILTERS = (16, 32, 64)
 BOTTLENECK_EXPANSION = 4
-
-
-def apply_bn_relu(x, bn_name, relu_name):
-    """BN (PyTorch settings) -> ReLU."""
-    x = batch_normalization(bn_name)(x)
-    return layers.ReLU(name=relu_name)(x)
 
 
 def apply_preact_basic_block(x, filters, strides, name, dropout_rate=0.0):
@@ -151,7 +145,7 @@ def preact_resnet(
         taps: 1-based indices of the residual units whose outputs carry the
             `num_losses - 1` auxiliary heads, strictly increasing and below
             the last unit. `None` spreads them evenly
-            (`keras_mwbp.models.cifar_resnet.official_taps`).
+            (`keras_mwbp.models.taps.official_taps`).
         input_shape: Shape of one input image.
         method: Training method of `keras_mwbp.MultiWayModel`.
         nu: Decay rate of the loss weights (paper Eq. 5).

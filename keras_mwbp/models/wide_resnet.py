@@ -16,7 +16,7 @@ from keras import layers
 
 from keras_mwbp.heads import bn_relu_pool_dense
 from keras_mwbp.models.preact_resnet import apply_preact_trunk
-from keras_mwbp.models.zoo_common import check_heads
+from keras_mwbp.models.taps import check_heads
 from keras_mwbp.models.zoo_common import check_positive_int
 from keras_mwbp.models.zoo_common import is_int
 from keras_mwbp.models.zoo_common import multiway_model

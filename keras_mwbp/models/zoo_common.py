@@ -1,19 +1,12 @@
-"""Shared argument checks and head wiring of the model zoo.
+"""The zoo's shared model constructor (`multiway_model`) and argument checks.
 
-Every zoo network is a trunk whose "blocks" (residual blocks, dense layers,
-inverted residuals) each produce one feature tensor. Auxiliary heads sit on
-the outputs of chosen blocks, the final head on the trunk's last feature map.
+The layers the networks are made of live in `keras_mwbp.models.blocks`, the
+placement of the heads in `keras_mwbp.models.taps`.
 """
 
-from keras import layers
-
 from keras_mwbp.heads import FINAL_HEAD
-from keras_mwbp.heads import batch_normalization
 from keras_mwbp.heads import bn_relu_pool_dense
 from keras_mwbp.heads import output_name
-from keras_mwbp.models.cifar_resnet import apply_conv  # noqa: F401 (re-export)
-from keras_mwbp.models.cifar_resnet import check_taps
-from keras_mwbp.models.cifar_resnet import official_taps
 from keras_mwbp.multi_way_model import MultiWayModel
 
 
@@ -31,36 +24,6 @@ def check_positive_int(value, argument):
         )
 
 
-def check_heads(num_losses, taps, num_blocks, network):
-    """Checks `num_losses` and `taps`; returns the taps to use.
-
-    Args:
-        num_losses: Number of heads, final included.
-        taps: 1-based block indices of the auxiliary heads, or `None` for
-            heads spread evenly (`official_taps`).
-        num_blocks: Blocks of the trunk.
-        network: Name of the network, for error messages.
-
-    Returns:
-        List of the `num_losses - 1` tap block indices.
-    """
-    if not is_int(num_losses) or not 1 <= num_losses <= num_blocks:
-        raise ValueError(
-            f"`num_losses` must be an integer from 1 to {num_blocks} (the "
-            f"blocks of {network}). Received: num_losses={num_losses!r}"
-        )
-    if taps is None:
-        taps = official_taps(num_blocks, num_losses)
-    check_taps(taps, num_blocks, num_losses)
-    return list(taps)
-
-
-def apply_bn_relu(x, name):
-    """BN -> ReLU, layers `"{name}_bn"` and `"{name}_relu"`."""
-    x = batch_normalization(f"{name}_bn")(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
-
-
 def multiway_model(
     inputs,
     block_outputs,
@@ -71,20 +34,24 @@ def multiway_model(
     method,
     nu,
     name,
+    **kwargs,
 ):
     """Puts auxiliary heads on `block_outputs` and builds the model.
 
     Args:
         inputs: Input tensor.
         block_outputs: Output of every block, first to last.
-        final_logits: Logits of the final head.
+        final_logits: Logits of the final head, or a function of no
+            argument that builds them after the auxiliary heads (so that
+            their layers, and the weights a seed gives them, come first).
         taps: 1-based indices of the blocks carrying auxiliary heads.
         num_classes: Number of classes of every head.
         head: Auxiliary head builder, or `None` for type A
             (`bn_relu_pool_dense`).
         method: Training method of `MultiWayModel`.
         nu: Decay rate of the loss weights.
-        name: Model name.
+        name: Model name (a `name` in `kwargs` overrides it).
+        **kwargs: Other `keras_mwbp.MultiWayModel` arguments.
 
     Returns:
         An uncompiled `MultiWayModel` with outputs `"head_0", ...,
@@ -98,7 +65,10 @@ def multiway_model(
         )
         for index, block in enumerate(taps)
     ]
+    if callable(final_logits):
+        final_logits = final_logits()
     outputs.append(output_name(final_logits, FINAL_HEAD))
     return MultiWayModel(
-        inputs=inputs, outputs=outputs, method=method, nu=nu, name=name
+        inputs=inputs, outputs=outputs, method=method, nu=nu,
+        **{"name": name, **kwargs},
     )
