@@ -4,7 +4,8 @@
 trains ResNet-56 with 5 losses (heads after layers 15, 25, 35, 45) with
 standard BP (heads then trained on the frozen trunk, `train_heads`), Joint
 BP, Relay BP and MW-BP, each with the paper's recipe: SGD with Nesterov
-momentum 0.9, weight decay 1e-4, batch 128, 400 epochs, learning rate 0.1
+momentum 0.9, coupled weight decay 1e-4 in every update (`keras_mwbp.recipe`),
+batch 128, 400 epochs, learning rate 0.1
 divided by 10 after 40% and 60% of the epochs, nu = 2, standard CIFAR
 augmentation. CIFAR-10 must be a prepared tensorflow-datasets copy in DIR
 (nothing is downloaded). Each finished method is one JSON file (resumable at
@@ -78,6 +79,7 @@ def main(args, results, set_threads):
     set_threads(args.threads)
     import keras
 
+    from keras_mwbp import recipe
     from keras_mwbp.models import cifar_resnet
     from keras_mwbp.head_training import train_heads
 
@@ -93,7 +95,9 @@ def main(args, results, set_threads):
     rows = []
     for method in methods:
         config = dict(study=name, method=method, epochs=epochs, batch_size=batch,
-                      lr=0.1, decay_at=[0.4, 0.6], weight_decay=1e-4, nu=2.0,
+                      lr=recipe.LEARNING_RATE, decay_at=list(recipe.LR_DROPS),
+                      weight_decay=recipe.WEIGHT_DECAY, coupled_decay=True,
+                      nu=recipe.NU,
                       seed=0, synthetic=bool(args.synthetic))
         key = runner.run_key(config)
         path = os.path.join(folder, "runs", f"{key}.json")
@@ -105,14 +109,11 @@ def main(args, results, set_threads):
             continue
         keras.backend.clear_session()
         keras.utils.set_random_seed(0)
-        model = cifar_resnet(56, num_classes=10, num_losses=5, method=method, nu=2.0)
+        model = cifar_resnet(56, num_classes=10, num_losses=5, method=method,
+                             nu=recipe.NU, weight_decay=recipe.WEIGHT_DECAY)
         model.shuffle_seed = 0
-        boundaries = [round(f * epochs * steps) for f in config["decay_at"]]
-        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries, [0.1, 0.01, 0.001])
         model.compile(
-            optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
-                                           weight_decay=1e-4),
+            optimizer=recipe.sgd(recipe.learning_rate_schedule(steps, epochs)),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
@@ -123,10 +124,8 @@ def main(args, results, set_threads):
         fit_seconds = time.perf_counter() - start
         if method == "standard":
             train_heads(model, train, epochs=epochs,
-                        optimizer=keras.optimizers.SGD(
-                            keras.optimizers.schedules.PiecewiseConstantDecay(
-                                boundaries, [0.1, 0.01, 0.001]),
-                            momentum=0.9, nesterov=True))
+                        optimizer=recipe.sgd(
+                            recipe.learning_rate_schedule(steps, epochs)))
         logs = model.evaluate(test, return_dict=True, verbose=0)
         row = dict(key=key, config=config, fit_seconds=fit_seconds,
                    epoch_seconds=timer.epoch_times,
