@@ -20,7 +20,6 @@ have moved at the new one. XLA drops the re-call's unused forward work (a
 convolution's output, for one) and merges what equals the forward pass's.
 """
 
-import contextlib
 import sys
 
 import jax
@@ -33,6 +32,9 @@ from keras_mwbp import resume
 from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
 from keras_mwbp.backend.numerics import all_finite  # noqa: F401
+from keras_mwbp.backend.program_order import after  # noqa: F401
+from keras_mwbp.backend.program_order import control_dependencies  # noqa: F401
+from keras_mwbp.backend.program_order import token  # noqa: F401
 from keras_mwbp.backend.numerics import zero_nans  # noqa: F401
 
 # Key of the nan_policy="raise" report in the step's logs (removed by the
@@ -185,23 +187,6 @@ def wrap_train_function(model, function):
 
 
 # ---------------------------------------------------- updates and checks
-def after(tensors, dependencies):
-    """`tensors` (XLA orders reads and writes by data flow already)."""
-    del dependencies
-    return list(tensors)
-
-
-def token(tensors):
-    """A stand-in for "every tensor of `tensors` exists" (no-op here)."""
-    del tensors
-    return jnp.asarray(True)
-
-
-def control_dependencies(dependencies):
-    del dependencies
-    return contextlib.nullcontext()
-
-
 def snapshot(variables):
     """(variable, value) pairs: each variable's value now."""
     return [(v, v.value) for v in variables]

@@ -36,6 +36,9 @@ from keras_mwbp import resume
 from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
 from keras_mwbp.backend.numerics import all_finite  # noqa: F401
+from keras_mwbp.backend.program_order import after  # noqa: F401
+from keras_mwbp.backend.program_order import control_dependencies  # noqa: F401
+from keras_mwbp.backend.program_order import token  # noqa: F401
 from keras_mwbp.backend.numerics import zero_nans  # noqa: F401
 from keras_mwbp.backend import torch_vjp
 
@@ -317,23 +320,6 @@ def wrap_train_function(model, function):
 
 
 # ---------------------------------------------------- updates and checks
-def after(tensors, dependencies):
-    """`tensors` (eager: everything is computed in program order)."""
-    del dependencies
-    return list(tensors)
-
-
-def token(tensors):
-    """A stand-in for "every tensor of `tensors` exists" (eager: no-op)."""
-    del tensors
-    return torch.tensor(True)
-
-
-def control_dependencies(dependencies):
-    del dependencies
-    return contextlib.nullcontext()
-
-
 def snapshot(variables):
     """(variable, value) pairs: a copy of each variable's value now (torch
     writes variables in place)."""
