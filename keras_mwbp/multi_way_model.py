@@ -9,6 +9,7 @@ from keras_mwbp import compile_handling
 from keras_mwbp import constants
 from keras_mwbp import data_order
 from keras_mwbp import labels
+from keras_mwbp import train_function as train_functions
 from keras_mwbp.nan_policy import NAN_POLICIES
 from keras_mwbp import weighting as loss_weights
 from keras_mwbp import algorithm
@@ -629,7 +630,7 @@ class MultiWayModel(keras.Model):
         function = self.train_function
         if getattr(function, "_keras_mwbp_wrapped", False):
             return function
-        train_function = backends.get().wrap_train_function(self, function)
+        train_function = train_functions.wrap(self, function, backends.get())
         train_function._keras_mwbp_wrapped = True
         self.train_function = train_function
         return train_function

@@ -2,7 +2,7 @@
 
 `BackupAndRestore` calls `resume_in_epoch` when it restores a backup made in
 the middle of an epoch; each backend's train function (see
-`wrap_train_function` in `keras_mwbp/backend/<name>.py`) then calls
+`keras_mwbp.train_function`) then calls
 `skip_batches` instead of training while `model._batches_to_skip` is
 positive: the batch is drawn from the data (so the data order goes on as in
 the uninterrupted run) and not trained on.

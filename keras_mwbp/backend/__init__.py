@@ -17,8 +17,10 @@ supplies:
   `snapshot`, `restore_unless`, `assert_finite_step`), `num_replicas` and
   `regularization_gradients` (`all_finite` and `zero_nans` are written once,
   with `keras.ops`, in `numerics.py`, and re-exported by each backend);
-- `train_step(model, ...)` and `wrap_train_function(model)`: how Keras's
-  trainer of that backend calls the step (TensorFlow: `train_step(data)` on
+- `train_step(model, ...)`, and the hooks of the train-function wrapper
+  (`skip_resumed`, `failure_of`, `failure_in`; `keras_mwbp.train_function`
+  writes the wrapper once): how Keras's trainer of that backend calls the
+  step (TensorFlow: `train_step(data)` on
   variables; JAX: a stateless, jit-compiled `train_step(state, data)`;
   torch: an eager `train_step(data)` on the variables).
 """

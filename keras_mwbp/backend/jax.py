@@ -29,7 +29,6 @@ import numpy as np
 
 from keras_mwbp import _compat
 from keras_mwbp import resume
-from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
 from keras_mwbp.backend.numerics import all_finite  # noqa: F401
 from keras_mwbp.backend.program_order import after  # noqa: F401
@@ -156,34 +155,38 @@ def test_step(model, state, data):
     )
 
 
-def wrap_train_function(model, function):
-    """Keras's train function `(state, iterator) -> (logs, state)`, wrapped:
-    it skips the batches a resumed backup already trained and raises a
-    `FloatingPointError` naming the step and head when a
-    `nan_policy="raise"` check failed (the returned state, already put back
-    as before the step, is written to the variables first)."""
+def skip_resumed(model, state, iterator):
+    """The train function's `(logs, state)` for a batch a resumed backup
+    already trained (`keras_mwbp.train_function`): drawn, not trained on;
+    after the last one, the state carries the metrics' restored totals."""
+    restoring = model._resume_metric_values is not None
+    logs = resume.skip_batches(model, iterator)
+    if restoring and model._resume_metric_values is None:
+        # The metrics' running totals were just set on the variables.
+        state = tuple(state[:-1]) + ([v.value for v in model.metrics_variables],)
+    return logs, state
 
-    def train_function(state, iterator):
-        if model._batches_to_skip > 0:
-            restoring = model._resume_metric_values is not None
-            logs = resume.skip_batches(model, iterator)
-            if restoring and model._resume_metric_values is None:
-                # The metrics' running totals were just set on the variables.
-                state = tuple(state[:-1]) + (
-                    [v.value for v in model.metrics_variables],
-                )
-            return logs, state
-        logs, state = function(state, iterator)
-        report = logs.pop(FAILURE_KEY, None)
-        if report is not None:
-            ok, step, head = (int(v) for v in np.asarray(report))
-            if not ok:
-                _compat.jax_state_sync(model, state)
-                raise FloatingPointError(
-                    nonfinite_message(model.output_names, step, head))
-        return logs, state
 
-    return train_function
+def failure_of(error):
+    """None: a jit-compiled step reports a failed check in its result."""
+    del error
+    return None
+
+
+def failure_in(model, result):
+    """`(step, head)` if the step's report (`FAILURE_KEY`, taken out of the
+    logs) says a `nan_policy="raise"` check failed, else None; on a failure
+    the returned state, already put back as before the step, is written to
+    the variables first."""
+    logs, state = result
+    report = logs.pop(FAILURE_KEY, None)
+    if report is None:
+        return None
+    ok, step, head = (int(v) for v in np.asarray(report))
+    if ok:
+        return None
+    _compat.jax_state_sync(model, state)
+    return step, head
 
 
 # ---------------------------------------------------- updates and checks

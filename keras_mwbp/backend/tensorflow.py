@@ -30,7 +30,6 @@ import re
 import keras
 import tensorflow as tf
 from keras_mwbp import resume
-from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp._compat import operation_fn
 from keras_mwbp._compat import standardize_inputs
 from keras_mwbp.backend.numerics import all_finite  # noqa: F401
@@ -299,25 +298,16 @@ def _this_module():
     return sys.modules[__name__]
 
 
-def wrap_train_function(model, function):
-    """Keras's train function, wrapped: it skips the batches a resumed
-    backup already trained and turns a failed `nan_policy="raise"` check
-    into a `FloatingPointError` naming the step and head."""
+def skip_resumed(model, iterator):
+    """The train function's logs for a batch a resumed backup already
+    trained (`keras_mwbp.train_function`): drawn, not trained on."""
+    return resume.skip_batches(model, iterator)
 
-    def train_function(iterator):
-        if model._batches_to_skip > 0:
-            return resume.skip_batches(model, iterator)
-        try:
-            return function(iterator)
-        except Exception as error:
-            failure = nonfinite_step(error)
-            if failure is None:
-                raise
-            raise FloatingPointError(
-                nonfinite_message(model.output_names, *failure)
-            ) from None
 
-    return train_function
+def failure_in(model, result):
+    """None: a failed check raises (`failure_of`)."""
+    del model, result
+    return None
 
 
 def _fused_batch_norm_applies(node, args, kwargs):
@@ -468,9 +458,9 @@ def assert_finite_step(ok, step, head):
         return tf.identity(ok)
 
 
-def nonfinite_step(error):
-    """`(step, head)` if `error` is a failed `assert_finite_step`, else
-    None."""
+def failure_of(error):
+    """`(step, head)` if `error` is a failed `assert_finite_step` (a failed
+    `nan_policy="raise"` check), else None."""
     if not isinstance(error, tf.errors.InvalidArgumentError):
         return None
     match = re.search(

@@ -33,7 +33,6 @@ import keras
 import torch
 
 from keras_mwbp import resume
-from keras_mwbp.nan_policy import nonfinite_message
 from keras_mwbp.backend import reverse_pass
 from keras_mwbp.backend.numerics import all_finite  # noqa: F401
 from keras_mwbp.backend.program_order import after  # noqa: F401
@@ -300,23 +299,23 @@ def train_step(model, data):
         }
 
 
-def wrap_train_function(model, function):
-    """Keras's train function `(data) -> logs`, wrapped: it skips the
-    batches a resumed backup already trained and raises a
-    `FloatingPointError` naming the step and head when a
-    `nan_policy="raise"` check failed (the step already undone)."""
+def skip_resumed(model, data):
+    """The train function's logs for a batch a resumed backup already
+    trained (`keras_mwbp.train_function`): drawn, not trained on."""
+    return resume.skip_batches(model, iter(data))
 
-    def train_function(data):
-        if model._batches_to_skip > 0:
-            return resume.skip_batches(model, iter(data))
-        try:
-            return function(data)
-        except NonFiniteStep as failure:
-            raise FloatingPointError(
-                nonfinite_message(model.output_names, failure.step, failure.head)
-            ) from None
 
-    return train_function
+def failure_of(error):
+    """`(step, head)` if `error` is a failed `nan_policy="raise"` check."""
+    if isinstance(error, NonFiniteStep):
+        return error.step, error.head
+    return None
+
+
+def failure_in(model, result):
+    """None: a failed check raises (`failure_of`)."""
+    del model, result
+    return None
 
 
 # ---------------------------------------------------- updates and checks
