@@ -14,7 +14,7 @@ from conftest import tensorflow_only
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os
+    import json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import numpy as np
     import tensorflow as tf
@@ -23,42 +23,21 @@ SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    import keras_mwbp
+    sys.path.insert(0, "tests")  # The child runs in the repository root.
+    from _distribution_case import build, compile, data, train
 
-    def build():
-        inputs = keras.Input((6,))
-        x = keras.layers.Dense(5, activation="relu", name="d1",
-                               kernel_regularizer="l2")(inputs)
-        aux = keras.layers.Dense(3, name="aux")(x)
-        x = keras.layers.Dense(5, activation="relu", name="d2")(x)
-        final = keras.layers.Dense(3, name="final")(x)
-        return keras_mwbp.MultiWayModel(inputs, [aux, final], method="mwbp",
-                                        head_weights=[0.5, 1.0])
-
-    def compile(model):
-        model.compile(
-            keras.optimizers.SGD(0.1, momentum=0.9),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"])
-
-    def train(model):
-        return model.fit(x, y, batch_size=16, epochs=2, shuffle=False,
-                         verbose=0).history
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(32, 6)).astype("float32")
-    y = rng.integers(0, 3, 32)
+    x, y = data()
     keras.utils.set_random_seed(0)
     single = build()
     initial = single.get_weights()
     compile(single)
-    single_history = train(single)
+    single_history = train(single, x, y)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         mirrored = build()
         mirrored.set_weights(initial)
         compile(mirrored)
-    mirrored_history = train(mirrored)
+    mirrored_history = train(mirrored, x, y)
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
         "weight_diff": max(float(np.max(np.abs(a - b))) for a, b in

@@ -21,49 +21,28 @@ pytest.importorskip("jax")
 SCRIPT = textwrap.dedent(
     """
     import json
+    import sys
     import numpy as np
     import jax
     import keras
-    import keras_mwbp
+    sys.path.insert(0, "tests")  # The child runs in the repository root.
+    from _distribution_case import build, compile, data, train
 
-    def build(method):
-        inputs = keras.Input((6,))
-        x = keras.layers.Dense(5, activation="relu", name="d1",
-                               kernel_regularizer="l2")(inputs)
-        x = keras.layers.BatchNormalization(name="bn")(x)
-        aux = keras.layers.Dense(3, name="aux")(x)
-        x = keras.layers.Dense(5, activation="relu", name="d2")(x)
-        final = keras.layers.Dense(3, name="final")(x)
-        return keras_mwbp.MultiWayModel(inputs, [aux, final], method=method,
-                                        head_weights=[0.5, 1.0])
-
-    def compile(model):
-        model.compile(
-            keras.optimizers.SGD(0.1, momentum=0.9),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"])
-
-    def train(model):
-        return model.fit(x, y, batch_size=16, epochs=2, shuffle=False,
-                         verbose=0).history
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(32, 6)).astype("float32")
-    y = rng.integers(0, 3, 32)
+    x, y = data()
     result = {"devices": len(jax.devices())}
     for method in ("mwbp", "joint"):
         keras.distribution.set_distribution(None)
         keras.utils.set_random_seed(0)
-        single = build(method)
+        single = build(method, batch_norm=True)
         initial = single.get_weights()
         compile(single)
-        single_history = train(single)
+        single_history = train(single, x, y)
         keras.distribution.set_distribution(
             keras.distribution.DataParallel(devices=jax.devices()))
-        parallel = build(method)
+        parallel = build(method, batch_norm=True)
         parallel.set_weights(initial)
         compile(parallel)
-        parallel_history = train(parallel)
+        parallel_history = train(parallel, x, y)
         # The parallel model's kernel really is replicated, its batch split.
         result[method] = {
             "weight_diff": max(

@@ -31,21 +31,13 @@ from _reference_harness import multiway_run  # noqa: E402
 from _reference_harness import random_batches  # noqa: E402
 from _reference_harness import random_params  # noqa: E402
 from _reference_harness import reference_run  # noqa: E402
+from keras_mwbp.constants import METHODS  # noqa: E402
 
 pytestmark = [
     pytest.mark.backends("tensorflow", "jax", "torch"),
     pytest.mark.oldest_keras(),
 ]
 
-METHODS = (
-    "standard",
-    "joint",
-    "relay",
-    "mwbp",
-    "reverse_mwbp",
-    "naive_mwbp",
-    "naive_reverse_mwbp",
-)
 NETWORK_NAMES = ("mlp", "convnet")
 # On both 3-loss networks a span of 2 lets every loss reach every segment.
 COVERING_SPAN = 2
