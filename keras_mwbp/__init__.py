@@ -23,6 +23,8 @@ __version__ = "0.2.0"
 # Public name -> the module that defines it.
 _NAMES = {
     "AdaptiveNu": "keras_mwbp.callbacks",
+    "AngularMarginLoss": "keras_mwbp.angular_margin_loss",
+    "CosineLogits": "keras_mwbp.cosine_logits",
     "METHODS": "keras_mwbp.multi_way_model",
     "MultiWayModel": "keras_mwbp.multi_way_model",
     "MultiWayOptimizer": "keras_mwbp.multi_way_optimizer",
@@ -35,6 +37,8 @@ _NAMES = {
 # The modules whose import registers the classes saved in `.keras` files.
 _REGISTERING = (
     "keras_mwbp.multi_way_model",
+    "keras_mwbp.angular_margin_loss",
+    "keras_mwbp.cosine_logits",
     "keras_mwbp.callbacks",
     "keras_mwbp.anytime.anytime_model",
     "keras_mwbp.warmup_step_decay",

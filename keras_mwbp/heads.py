@@ -102,17 +102,59 @@ def pool_dense(x, num_classes, name):
     >>> keras.Model(x, pool_dense(x, 10, "final")).count_params()
     650
     """
+    if len(x.shape) not in (2, 3, 4, 5):
+        raise ValueError(
+            f"`x` of head {name!r} must be a feature tensor of rank 2 to 5. "
+            f"Received: x with shape {tuple(x.shape)}"
+        )
+    x = _global_pool(x, name)
+    return layers.Dense(num_classes, name=f"{name}_dense")(x)
+
+
+def cosine_head(embedding_dim=128):
+    """A head builder for angular-margin training: global average pooling
+    -> a linear `embedding_dim` embedding (layer `"{name}_embedding"`) ->
+    `keras_mwbp.CosineLogits` (layer `"{name}_cosine"`).
+
+    Pass it as `head=` (and `final_head=` to `attach_heads`) and train with
+    `keras_mwbp.AngularMarginLoss`. Every head so built ends in its own
+    embedding of the same size.
+
+    Args:
+        embedding_dim: Size of the embedding, a positive int.
+
+    Returns:
+        `head(x, num_classes, name)`, returning the cosines of shape
+        `(batch, num_classes)`.
+    """
+    if (
+        isinstance(embedding_dim, bool)
+        or not isinstance(embedding_dim, int)
+        or embedding_dim < 1
+    ):
+        raise ValueError(
+            "`embedding_dim` must be a positive integer. "
+            f"Received: embedding_dim={embedding_dim!r}"
+        )
+
+    def head(x, num_classes, name):
+        from keras_mwbp.cosine_logits import CosineLogits
+
+        x = _global_pool(x, name)
+        x = layers.Dense(embedding_dim, name=f"{name}_embedding")(x)
+        return CosineLogits(num_classes, name=f"{name}_cosine")(x)
+
+    return head
+
+
+def _global_pool(x, name):
+    """Global average pooling of the rank of `x` (layer `"{name}_pool"`);
+    a feature vector (rank 2) is returned as it is."""
     pooling = {
         3: layers.GlobalAveragePooling1D,
         4: layers.GlobalAveragePooling2D,
         5: layers.GlobalAveragePooling3D,
     }
-    rank = len(x.shape)
-    if rank in pooling:
-        x = pooling[rank](name=f"{name}_pool")(x)
-    elif rank != 2:
-        raise ValueError(
-            f"`x` of head {name!r} must be a feature tensor of rank 2 to 5. "
-            f"Received: x with shape {tuple(x.shape)}"
-        )
-    return layers.Dense(num_classes, name=f"{name}_dense")(x)
+    if len(x.shape) in pooling:
+        return pooling[len(x.shape)](name=f"{name}_pool")(x)
+    return x

@@ -67,7 +67,8 @@ def test_import_keras_mwbp_imports_no_tensorflow_and_names_stay_reachable():
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cifar_resnet BackupAndRestore report load" in done.stdout
-    assert ("['AdaptiveNu', 'METHODS', 'MultiWayModel', 'MultiWayOptimizer', "
+    assert ("['AdaptiveNu', 'AngularMarginLoss', 'CosineLogits', 'METHODS', "
+            "'MultiWayModel', 'MultiWayOptimizer', "
             "'WarmupStepDecay', 'attach_heads', 'gammas_from_depths', 'place_heads', "
             "'train_heads']") in done.stdout
 
