@@ -1,5 +1,6 @@
 """`keras_mwbp.verification` against hand computations, and an open-set
-check: embeddings trained on digits 0-6 verify pairs of digits 7-9."""
+check: embeddings trained on MNIST-1D classes 0-6 verify pairs of classes
+7-9."""
 
 import math
 
@@ -86,48 +87,58 @@ def test_bad_input_is_named(call, error, message):
     assert str(caught.value) == message
 
 
-@pytest.mark.backends("tensorflow")  # See the docstring.
-def test_open_set_verification_on_unseen_digits():
-    """Cosine heads trained with ArcFace on digits 0-6 only (3 heads, MW-BP);
-    pairs of the unseen digits 7-9, half of one digit, half of two, are
-    verified above chance (0.5) by every head (10 folds): measured 0.70,
-    0.65 and 0.66, so the bound 0.6 is 4 standard errors of chance at 400
-    pairs. (The cosine of the raw pixels scores 0.75 on these pairs: an
-    embedding learned from 7 classes of 8x8 digits does not beat it.) With
-    JAX's and torch's initial weights the deeper heads measured 0.555-0.61:
-    this small task is at the edge, so the check runs on TensorFlow, whose
-    seeded run is the one measured."""
-    from sklearn.datasets import load_digits
+@pytest.mark.backends("tensorflow")  # One backend: a 15-epoch training.
+def test_open_set_verification_on_unseen_classes():
+    """Cosine heads trained with ArcFace on MNIST-1D classes 0-6 only (3
+    heads on a small 1-D convnet, MW-BP); 600 pairs of the unseen classes
+    7-9, half of one class, half of two, are verified by every head far
+    above chance and above the raw signals' cosine (10 folds).
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype("float32")
-    y = digits.target
+    Measured (TensorFlow, seeds 0 and 1): heads 0.71 / 0.67 / 0.71 and
+    0.70 / 0.66 / 0.64; the raw signals score 0.52 and chance is 0.5, whose
+    standard error at 600 pairs is 0.02: the bound 0.6 is 5 of them. (On
+    8x8 digits 0-6 / 7-9 the learned heads scored 0.65-0.70 but the raw
+    pixels 0.75, so that split cannot show that the embedding learns.)
+    It passed once on torch too (9.5 min of eager steps on a loaded CPU,
+    which is why it runs on TensorFlow alone)."""
+    from keras_mwbp import data
+
+    (x, y), (x_test, y_test) = data._make_mnist1d(False)
+    x = np.concatenate([x, x_test]).astype("float32")
+    y = np.concatenate([y, y_test])
     seen = y <= 6
-    keras.utils.set_random_seed(0)
-    head = cosine_head(embedding_dim=32)
-    inputs = keras.Input((64,))
-    a = keras.layers.Dense(64, activation="relu")(inputs)
-    b = keras.layers.Dense(64, activation="relu")(a)
-    outputs = [keras.layers.Identity(name=n)(head(t, 7, n))
-               for n, t in (("head_0", a), ("head_1", b), ("final", b))]
-    model = keras_mwbp.MultiWayModel(inputs, outputs, method="mwbp")
-    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
-                  keras_mwbp.AngularMarginLoss(margin=0.3, scale=16.0))
-    model.fit(x[seen], y[seen], batch_size=64, epochs=30, verbose=0)
-
     rng = np.random.default_rng(0)
     unseen = np.flatnonzero(~seen)
     pairs_a, pairs_b, issame = [], [], []
-    for k in range(400):
+    for k in range(600):
         i = rng.choice(unseen)
         pool = unseen[(y[unseen] == y[i]) == (k % 2 == 0)]
         pairs_a.append(i)
         pairs_b.append(rng.choice(pool[pool != i]))
         issame.append(k % 2 == 0)
-    rows = verification.verify(model, x[pairs_a], x[pairs_b], np.array(issame))
+    issame = np.array(issame)
+    flat = x.reshape(len(x), -1)
+    raw = verification.lfw_accuracy(verification.cosine_similarity(
+        flat[pairs_a], flat[pairs_b]), issame)["mean"]
+
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    head = cosine_head(embedding_dim=32)
+    inputs = keras.Input(x.shape[1:])
+    a = layers.Conv1D(32, 5, padding="same", activation="relu")(inputs)
+    b = layers.Conv1D(32, 5, strides=2, padding="same", activation="relu")(a)
+    c = layers.Conv1D(64, 3, padding="same", activation="relu")(b)
+    outputs = [layers.Identity(name=n)(head(t, 7, n))
+               for n, t in (("head_0", a), ("head_1", b), ("final", c))]
+    model = keras_mwbp.MultiWayModel(inputs, outputs, method="mwbp")
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras_mwbp.AngularMarginLoss(margin=0.3, scale=16.0))
+    model.fit(x[seen], y[seen], batch_size=64, epochs=15, verbose=0)
+    rows = verification.verify(model, x[pairs_a], x[pairs_b], issame)
     assert [row["output"] for row in rows] == ["head_0", "head_1", "final"]
+    assert raw < 0.56
     for row in rows:
-        assert row["accuracy"] > 0.6, rows
+        assert row["accuracy"] > 0.6, (raw, rows)
         assert 0 <= row["tar"] <= 1
 
 
