@@ -5,7 +5,6 @@ import numbers
 import keras
 
 from keras_mwbp import heads as head_builders
-from keras_mwbp import weighting as loss_weights
 from keras_mwbp.graph import _tensor_weight_depths
 from keras_mwbp.graph import ordered_nodes
 from keras_mwbp.graph import upstream_tensors
@@ -15,6 +14,9 @@ from keras_mwbp.multi_way_model import _check_relay_span
 from keras_mwbp.multi_way_model import _check_weighting
 from keras_mwbp.placement import _functional
 from keras_mwbp.placement import place_heads
+from keras_mwbp.weighting import check_head_depths
+from keras_mwbp.weighting import check_head_weights
+from keras_mwbp.weighting import check_nu
 
 HEADS = {
     "bn_relu_pool_dense": head_builders.bn_relu_pool_dense,
@@ -129,16 +131,16 @@ def _check_model_kwargs(method, model_kwargs, num_outputs):
             f"`method` must be one of {METHODS}. Received: method={method!r}"
         )
     if "nu" in model_kwargs:
-        loss_weights.check_nu(model_kwargs["nu"])
+        check_nu(model_kwargs["nu"])
     if "relay_span" in model_kwargs:
         _check_relay_span(model_kwargs["relay_span"])
     _check_weighting(model_kwargs.get("weighting", "paper"), method)
     if model_kwargs.get("head_weights") is not None:
-        loss_weights.check_head_weights(
+        check_head_weights(
             model_kwargs["head_weights"], num_outputs
         )
     if model_kwargs.get("head_depths") is not None:
-        loss_weights.check_head_depths(model_kwargs["head_depths"], num_outputs)
+        check_head_depths(model_kwargs["head_depths"], num_outputs)
 
 
 def _builder(head, argument):

@@ -11,13 +11,17 @@ from keras_mwbp import data_order
 from keras_mwbp import labels
 from keras_mwbp import train_function as train_functions
 from keras_mwbp.nan_policy import NAN_POLICIES
-from keras_mwbp import weighting as loss_weights
 from keras_mwbp import algorithm
 from keras_mwbp import backend as backends
 from keras_mwbp.callbacks.progbar_logger import ProgbarLogger
 from keras_mwbp.graph import HeadGraph
 from keras_mwbp.graph import check_outputs_depend_on_inputs
 from keras_mwbp.multi_way_optimizer import MultiWayOptimizer
+from keras_mwbp.weighting import check_head_depths
+from keras_mwbp.weighting import check_head_weights
+from keras_mwbp.weighting import check_nu
+from keras_mwbp.weighting import check_weight_decay
+from keras_mwbp.weighting import gammas_from_depths
 
 METHODS = constants.METHODS
 MULTIWAY_METHODS = constants.MULTIWAY_METHODS
@@ -186,9 +190,9 @@ class MultiWayModel(keras.Model):
         _check_relay_span(relay_span)
         _check_weighting(weighting, method)
         _check_nan_policy(nan_policy)
-        weight_decay = loss_weights.check_weight_decay(weight_decay)
+        weight_decay = check_weight_decay(weight_decay)
         shuffle_seed = data_order.check_seed(shuffle_seed)
-        loss_weights.check_nu(nu)
+        check_nu(nu)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
         outputs = list(outputs)
@@ -200,11 +204,11 @@ class MultiWayModel(keras.Model):
             )
         check_outputs_depend_on_inputs(keras.tree.flatten(inputs), outputs)
         if head_weights is not None:
-            head_weights = loss_weights.check_head_weights(
+            head_weights = check_head_weights(
                 head_weights, len(outputs)
             )
         if head_depths is not None:
-            head_depths = loss_weights.check_head_depths(
+            head_depths = check_head_depths(
                 head_depths, len(outputs)
             )
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
@@ -238,7 +242,7 @@ class MultiWayModel(keras.Model):
         self._nu.assign(float(nu))
         self._gammas.assign(
             head_weights
-            or loss_weights.gammas_from_depths(self.head_depths, nu)
+            or gammas_from_depths(self.head_depths, nu)
         )
 
     # ------------------------------------------------------------ properties
@@ -269,7 +273,7 @@ class MultiWayModel(keras.Model):
         Args:
             nu: Positive decay rate.
         """
-        loss_weights.check_nu(nu)
+        check_nu(nu)
         if self._given_head_weights is not None:
             raise ValueError(
                 "`nu` cannot change the loss weights of a model built with "
@@ -278,7 +282,7 @@ class MultiWayModel(keras.Model):
             )
         self._nu.assign(float(nu))
         self._gammas.assign(
-            loss_weights.gammas_from_depths(self.head_depths, nu)
+            gammas_from_depths(self.head_depths, nu)
         )
 
     @property
