@@ -49,8 +49,9 @@ def _check_scores(similarities, issame):
 
 def best_threshold(similarities, issame):
     """The threshold `t` (pairs with similarity > t are "same") that is most
-    accurate on these pairs; among equally accurate ones, the midpoint of
-    the widest-apart neighbours that give it (the smallest such gap first).
+    accurate on these pairs. The candidates are the midpoints between
+    neighbouring similarities and one value below and one above them all;
+    among equally accurate candidates, the lowest.
 
     Returns:
         `(threshold, accuracy)`.
